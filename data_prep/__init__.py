@@ -1,0 +1,1 @@
+"""Offline dataset preparation: image sources -> WebDataset shards + manifest -> object storage."""
