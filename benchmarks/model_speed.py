@@ -1,0 +1,95 @@
+"""Model benchmark: training-step (forward + backward) images/s and peak memory of one ViTAE model,
+with attention through `scaled_dot_product_attention` against the explicit softmax(QK^T)V path of
+the same model, in the same run.
+
+    python benchmarks/model_speed.py --model vitae_t --img-size 224 --batch-size 16
+
+Each path runs in a fresh subprocess so that its peak memory is its own: on CUDA the allocator's
+peak, on CPU the process's peak resident set size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+
+def measure(model_name: str, img_size: int, batch_size: int, steps: int, warmup: int, fused: bool,
+            device: str, bf16: bool) -> dict:
+    import vitae
+
+    torch.manual_seed(0)
+    model = vitae.create_model(model_name, img_size=img_size, num_classes=1000).to(device)
+    vitae.set_fused_attn(model, fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": batch_size * steps / elapsed, "step_ms": 1000 * elapsed / steps, "peak_mib": peak_mib}
+
+
+def _child(queue: mp.Queue, kwargs: dict) -> None:
+    queue.put(measure(**kwargs))
+
+
+def measure_in_subprocess(**kwargs) -> dict:
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, kwargs))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vitae_t")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on CUDA)")
+    args = parser.parse_args()
+    bf16 = args.bf16 or args.device.startswith("cuda")
+    common = dict(model_name=args.model, img_size=args.img_size, batch_size=args.batch_size, steps=args.steps,
+                  warmup=args.warmup, device=args.device, bf16=bf16)
+    plain = measure_in_subprocess(fused=False, **common)
+    fused = measure_in_subprocess(fused=True, **common)
+    print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}{' bf16' if bf16 else ' fp32'}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'attention path':<26}{'images/s':>10}{'step ms':>10}{'peak MiB':>10}")
+    for label, result in (("softmax(QK^T)V (plain)", plain), ("scaled_dot_product_attention", fused)):
+        print(f"{label:<26}{result['images_per_s']:>10.1f}{result['step_ms']:>10.0f}{result['peak_mib']:>10.0f}")
+    print(f"speed-up of SDPA over the plain path: {fused['images_per_s'] / plain['images_per_s']:.2f}x, "
+          f"peak memory ratio {fused['peak_mib'] / plain['peak_mib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

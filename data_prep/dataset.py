@@ -1,0 +1,95 @@
+"""Reading a prepared dataset: the only way training code should see the shard format.
+
+    from data_prep.dataset import PreparedDataset, decode_sample
+    dataset = PreparedDataset.open("s3://bucket/datasets/digits")   # refuses an incomplete dataset
+    urls = dataset.shard_urls("train")            # s3:// URLs or local paths, for webdataset
+    pipeline = webdataset.WebDataset(urls, shardshuffle=False).map(decode_sample)  # (PIL RGB, label)
+
+Importing this module registers an `s3://` opener in webdataset's `gopen_schemes` (webdataset
+1.0.2 has none): it streams GetObject bodies through `data_prep.object_store`, with a client per
+process built from the environment. Every process that opens `s3://` shards must import this
+module; unpickling a pipeline that references `decode_sample` does so (e.g. in DataLoader workers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from data_prep import images
+from data_prep.errors import UserError
+from data_prep.manifest import (
+    DATASET_NAME, FORMAT_VERSION, IMAGE_EXTENSIONS, MANIFEST_NAME, DatasetInfo, ShardRecord,
+    manifest_from_parquet,
+)
+from data_prep.object_store import parse_s3_url, shared_store
+from data_prep.storage import Storage, open_storage
+
+
+@dataclass
+class PreparedDataset:
+    url: str
+    info: DatasetInfo
+    shards: list[ShardRecord]
+    storage: Storage
+
+    @classmethod
+    def open(cls, url: str) -> PreparedDataset:
+        """Read the manifest at `url`; `UserError` if it is missing (dataset incomplete)."""
+        storage = open_storage(url)
+        storage.check(create=False)
+        info_bytes, manifest_bytes = storage.read_bytes(DATASET_NAME), storage.read_bytes(MANIFEST_NAME)
+        if info_bytes is None or manifest_bytes is None:
+            raise UserError(f"no complete dataset at {url}: {DATASET_NAME} or {MANIFEST_NAME} is missing "
+                            "(run `vitae prep` to completion)")
+        info = DatasetInfo.from_json(info_bytes)
+        if info.format_version != FORMAT_VERSION:
+            raise UserError(f"{url}: dataset format {info.format_version}, this reader supports {FORMAT_VERSION}")
+        return cls(url, info, manifest_from_parquet(manifest_bytes), storage)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({shard.split for shard in self.shards})
+
+    def split_shards(self, split: str) -> list[ShardRecord]:
+        return [shard for shard in self.shards if shard.split == split]
+
+    def shard_urls(self, split: str) -> list[str]:
+        return [self.storage.shard_url(shard.name) for shard in self.split_shards(split)]
+
+    def shard_samples(self, split: str) -> list[int]:
+        """Samples per shard, in `shard_urls` order."""
+        return [shard.samples for shard in self.split_shards(split)]
+
+    def num_samples(self, split: str) -> int:
+        return sum(self.shard_samples(split))
+
+
+def decode_sample(sample: dict) -> tuple[Image.Image, int]:
+    """A raw webdataset sample (bytes per extension) -> (RGB PIL image, class index)."""
+    extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if extension is None:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return images.to_rgb(images.decode(sample[extension])), int(sample["cls"])
+
+
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """webdataset opener for `s3://bucket/key`: a streaming GetObject body."""
+    if mode != "rb":
+        raise ValueError(f"{url}: the s3 opener only reads (mode 'rb'), got {mode!r}")
+    location = parse_s3_url(url)
+    return shared_store(location.bucket).open(location.key)
+
+
+def register_s3_opener() -> None:
+    from webdataset.gopen import gopen_schemes  # the dispatch table webdataset's gopen() consults
+
+    gopen_schemes["s3"] = gopen_s3
+
+
+register_s3_opener()

@@ -1,0 +1,244 @@
+"""The one place that talks to object storage (S3 API), shared by data_prep and pipelines.
+
+It owns: the client configuration (endpoint, region, retries, timeouts — read from the environment,
+credentials left to boto3's standard chain), `s3://` URL parsing, the boto3 calls themselves
+(head/get/put/delete, managed multipart uploads) and the translation of the failures a user can
+cause (unreachable endpoint, missing credentials, missing bucket, access denied) into `UserError`.
+Messages name the endpoint and bucket, never a credential.
+
+Environment: `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`), `AWS_REGION` / `AWS_DEFAULT_REGION`,
+`AWS_RETRY_MODE` (standard | adaptive), `AWS_MAX_ATTEMPTS`, and the usual credential variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+from data_prep.errors import UserError
+
+RETRY_MODES = ("standard", "adaptive")
+UPLOAD_PART_SIZE = 64 * 2**20  # multipart above this size, in parts of this size (S3: >= 5 MiB)
+UPLOAD_CONCURRENCY = 8  # parallel part/file uploads per transfer
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Everything needed to build an S3 client; `from_env` is how every process gets one."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    retry_mode: str = "standard"
+    max_attempts: int = 3  # the AWS SDKs' default; raise it with AWS_MAX_ATTEMPTS for flaky links
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    max_pool_connections: int = 32
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> S3Config:
+        retry_mode = environ.get("AWS_RETRY_MODE", "standard")
+        if retry_mode not in RETRY_MODES:
+            raise UserError(f"AWS_RETRY_MODE={retry_mode!r}: expected one of {', '.join(RETRY_MODES)}")
+        attempts = environ.get("AWS_MAX_ATTEMPTS", str(cls.max_attempts))
+        if not attempts.isdigit() or int(attempts) < 1:
+            raise UserError(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a positive integer")
+        return cls(
+            endpoint_url=environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or None,
+            region=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or cls.region,
+            retry_mode=retry_mode,
+            max_attempts=int(attempts),
+        )
+
+    @property
+    def endpoint_name(self) -> str:
+        return self.endpoint_url or f"AWS S3 ({self.region})"
+
+
+def make_client(config: S3Config | None = None):
+    """A new boto3 S3 client (thread-safe; build one per process, not per call)."""
+    import boto3
+    import botocore.config
+
+    config = config or S3Config.from_env()
+    client_config = botocore.config.Config(
+        retries={"mode": config.retry_mode, "max_attempts": config.max_attempts},
+        connect_timeout=config.connect_timeout_s,
+        read_timeout=config.read_timeout_s,
+        max_pool_connections=config.max_pool_connections,
+        # Custom endpoints (MinIO, moto, Ceph) rarely resolve virtual-host bucket names.
+        s3={"addressing_style": "path" if config.endpoint_url else "auto"},
+    )
+    try:
+        return boto3.session.Session().client(
+            "s3", endpoint_url=config.endpoint_url, region_name=config.region, config=client_config
+        )
+    except ValueError as error:
+        raise UserError(f"invalid S3 endpoint {config.endpoint_url!r}: {error}") from None
+
+
+@dataclass(frozen=True)
+class S3Url:
+    """A parsed `s3://bucket/key` URL; `key` has no leading slash and may be empty."""
+
+    bucket: str
+    key: str
+
+    def join(self, name: str) -> S3Url:
+        return S3Url(self.bucket, f"{self.key.rstrip('/')}/{name}" if self.key.strip("/") else name)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def is_s3_url(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def parse_s3_url(url: str) -> S3Url:
+    if not is_s3_url(url):
+        raise UserError(f"not an s3:// URL: {url}")
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket:
+        raise UserError(f"no bucket in {url!r}: expected s3://BUCKET/PREFIX")
+    return S3Url(bucket, key)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    size: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One local file to store at `key`, with user metadata (e.g. its sha256)."""
+
+    path: str
+    key: str
+    metadata: dict[str, str]
+
+
+class ObjectStore:
+    """One bucket behind one client; every call translates user-caused failures to `UserError`."""
+
+    def __init__(self, bucket: str, config: S3Config | None = None, client=None):
+        self.bucket = bucket
+        self.config = config or S3Config.from_env()
+        self.client = client or make_client(self.config)
+
+    @contextlib.contextmanager
+    def errors(self, what: str) -> Iterator[None]:
+        """Turn botocore's connection, credential and bucket errors raised inside into `UserError`."""
+        from botocore import exceptions as bx
+
+        where = f"s3://{self.bucket} at {self.config.endpoint_name}"
+        try:
+            yield
+        except (bx.NoCredentialsError, bx.PartialCredentialsError):
+            raise UserError(
+                f"no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            ) from None
+        except (bx.ConnectionError, bx.HTTPClientError) as error:  # refused, timed out, reset (after retries)
+            endpoint = self.config.endpoint_name
+            raise UserError(f"cannot reach the S3 endpoint {endpoint} ({type(error).__name__})") from None
+        except bx.ClientError as error:
+            raise _client_error(error, what, where) from None
+
+    def check_bucket(self) -> None:
+        """Fail with one line unless the bucket exists and these credentials may use it."""
+        with self.errors("bucket check"):
+            self.client.head_bucket(Bucket=self.bucket)
+
+    def head(self, key: str) -> StoredObject | None:
+        from botocore.exceptions import ClientError
+
+        with self.errors(f"head {key}"):
+            try:
+                reply = self.client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if _error_code(error) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+        return StoredObject(reply["ContentLength"], reply.get("Metadata", {}))
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.errors(f"read {key}"):
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def open(self, key: str):
+        """A streaming, file-like body of the object (read(n) / close())."""
+        with self.errors(f"open {key}"):
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self.errors(f"write {key}"):
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def delete(self, key: str) -> None:
+        with self.errors(f"delete {key}"):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def upload_files(
+        self,
+        uploads: list[Upload],
+        on_bytes: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        """Upload files with boto3's managed transfers: multipart above `UPLOAD_PART_SIZE`, parts
+        and files in parallel on one pool, botocore retries per request. Waits for all; raises the
+        first failure (s3transfer aborts that file's multipart upload)."""
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        transfer_config = TransferConfig(
+            multipart_threshold=UPLOAD_PART_SIZE, multipart_chunksize=UPLOAD_PART_SIZE,
+            max_concurrency=UPLOAD_CONCURRENCY,
+        )
+        subscriber = _progress_subscriber(on_bytes)
+        with self.errors("upload"), create_transfer_manager(self.client, transfer_config) as manager:
+            futures = [
+                manager.upload(
+                    u.path, self.bucket, u.key,
+                    extra_args={"Metadata": u.metadata},
+                    subscribers=[subscriber],
+                )
+                for u in uploads
+            ]
+            for future in futures:
+                future.result()
+
+
+def _progress_subscriber(on_bytes: Callable[[int], None]):
+    from s3transfer.subscribers import BaseSubscriber
+
+    class ProgressSubscriber(BaseSubscriber):
+        def on_progress(self, future, bytes_transferred, **kwargs):
+            on_bytes(bytes_transferred)
+
+    return ProgressSubscriber()
+
+
+def _error_code(error) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _client_error(error, what: str, where: str) -> Exception:
+    code = _error_code(error)
+    if code == "NoSuchBucket" or (what == "bucket check" and code in ("404", "NotFound")):
+        return UserError(f"bucket does not exist: {where}")
+    if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
+        return UserError(f"access denied to {where} ({what}): check the credentials and their permissions")
+    return error
+
+
+_CLIENTS: dict[tuple[int, S3Config], object] = {}
+
+
+def shared_store(bucket: str) -> ObjectStore:
+    """An `ObjectStore` on a client shared within this process (rebuilt after a fork)."""
+    config = S3Config.from_env()
+    key = (os.getpid(), config)
+    if key not in _CLIENTS:
+        _CLIENTS[key] = make_client(config)
+    return ObjectStore(bucket, config, _CLIENTS[key])

@@ -1,0 +1,233 @@
+"""`vitae prep`: one source -> shards staged locally -> published with a manifest, idempotently.
+
+Steps: list the source, check the destination (fail fast on a bad bucket or credentials), assign
+splits, decode-check and shard each split in a seeded order (images read and checked on a thread
+pool, written in order), then publish: remove the old manifest, upload only shards whose sha256
+differs from what is stored, and write the rejects report, `manifest.parquet` and `dataset.json`
+last. An interrupted run leaves no manifest; re-running the same command completes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from data_prep.errors import UserError
+from data_prep.images import RejectedImage, prepare_image
+from data_prep.manifest import (
+    DATASET_NAME, MANIFEST_NAME, REJECTS_NAME, SPLITS, DatasetInfo, ShardRecord, manifest_to_parquet,
+)
+from data_prep.shards import EncodedSample, write_split
+from data_prep.sources import Reject, Source, SourceImage, SourceOptions, open_source
+from data_prep.splitting import check_fractions, shuffled, stratified_splits
+from data_prep.storage import StagedFile, Storage, open_storage
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    max_side: int | None = None
+    shard_max_samples: int = 10_000
+    shard_max_bytes: int = 256 * 2**20
+    source: SourceOptions = field(default_factory=SourceOptions)
+    workers: int = min(8, 2 * (os.cpu_count() or 1))
+    staging_dir: str | None = None  # default: inside a local destination, else the system temp dir
+
+    def recorded(self) -> dict:
+        """The options that determine the dataset's content (written to dataset.json)."""
+        recorded = asdict(self)
+        for machine_specific in ("workers", "staging_dir"):
+            del recorded[machine_specific]
+        return recorded
+
+
+@dataclass
+class PrepSummary:
+    dest: str
+    split_counts: dict[str, int]
+    images: int
+    shards: int
+    bytes: int
+    rejected: int
+    uploaded: int
+    already_present: int
+    convert_s: float
+    upload_s: float
+    uploaded_bytes: int
+
+    def lines(self) -> list[str]:
+        splits = ", ".join(f"{split} {count}" for split, count in self.split_counts.items())
+        megabytes = self.uploaded_bytes / 1e6
+        return [
+            f"dataset:   {self.dest}",
+            f"images:    {self.images} ({splits})",
+            f"shards:    {self.shards} ({self.bytes / 1e6:.1f} MB); uploaded {self.uploaded}, "
+            f"already present {self.already_present}",
+            f"convert:   {self.images / max(self.convert_s, 1e-9):.0f} images/s ({self.convert_s:.1f} s)",
+            f"upload:    {megabytes / max(self.upload_s, 1e-9):.1f} MB/s "
+            f"({megabytes:.1f} MB in {self.upload_s:.1f} s)",
+            f"rejected:  {self.rejected}" + (f" (listed in {self.dest}/{REJECTS_NAME})" if self.rejected else ""),
+        ]
+
+
+def prepare(source_spec: str, dest: str, options: PrepOptions = PrepOptions(),
+            progress: bool = True) -> PrepSummary:
+    """Convert `source_spec` into a complete dataset at `dest` (a directory or s3:// URL)."""
+    _check_options(options)
+    source = open_source(source_spec, options.source)
+    storage = open_storage(dest)
+    storage.check(create=True)  # before the long conversion: a bad bucket or credentials fail now
+    by_split = _assign_splits(source, options)
+    staging_base = options.staging_dir or storage.staging_root()
+    with tempfile.TemporaryDirectory(prefix=".vitae-prep-", dir=staging_base) as staging_name:
+        staging = Path(staging_name)
+        started = time.perf_counter()
+        converted = _convert(source, by_split, staging, options, progress)
+        convert_s = time.perf_counter() - started
+        info = _dataset_info(source_spec, source, converted, options)
+        started = time.perf_counter()
+        to_upload = _publish(storage, staging, converted, info, progress)
+        upload_s = time.perf_counter() - started
+    return PrepSummary(
+        dest=dest,
+        split_counts={split: counts["samples"] for split, counts in info.counts.items()},
+        images=sum(r.samples for r in converted.records),
+        shards=len(converted.records),
+        bytes=sum(r.bytes for r in converted.records),
+        rejected=len(converted.rejects),
+        uploaded=len(to_upload),
+        already_present=len(converted.records) - len(to_upload),
+        convert_s=convert_s,
+        upload_s=upload_s,
+        uploaded_bytes=sum(f.size for f in to_upload),
+    )
+
+
+def _check_options(options: PrepOptions) -> None:
+    check_fractions(options.val_fraction, options.test_fraction)
+    positive = {"--max-side": options.max_side, "--shard-max-samples": options.shard_max_samples,
+                "--shard-max-mb": options.shard_max_bytes, "--workers": options.workers,
+                "--digits-size": options.source.digits_size}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+
+
+def _assign_splits(source: Source, options: PrepOptions) -> dict[str, list[SourceImage]]:
+    if source.has_splits:
+        names = [image.split for image in source.images]
+    else:
+        labels = [image.label for image in source.images]
+        names = stratified_splits(labels, options.val_fraction, options.test_fraction, options.seed)
+    by_split: dict[str, list[SourceImage]] = {split: [] for split in SPLITS}
+    for image, split in zip(source.images, names):
+        by_split[split].append(image)
+    return by_split
+
+
+@dataclass
+class _Converted:
+    records: list[ShardRecord] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    class_counts: dict[str, Counter] = field(default_factory=dict)
+
+
+def _convert(source: Source, by_split: dict[str, list[SourceImage]], staging: Path, options: PrepOptions,
+             progress: bool) -> _Converted:
+    from tqdm import tqdm
+
+    converted = _Converted(rejects=list(source.rejects))
+    with tqdm(total=len(source.images), unit="img", desc="convert", disable=not progress) as bar, \
+            ThreadPoolExecutor(options.workers) as pool:
+        for split, images in by_split.items():
+            counts = converted.class_counts[split] = Counter()
+            results = _ordered_map(pool, partial(_encode, max_side=options.max_side),
+                                   shuffled(images, options.seed, split), window=options.workers * 8)
+            samples = _accepted(results, converted.rejects, counts, bar.update)
+            converted.records += write_split(split, samples, staging, options.shard_max_samples,
+                                             options.shard_max_bytes)
+    if not converted.records:
+        first = converted.rejects[0]
+        raise UserError(f"no usable images in {source.description}: all {len(converted.rejects)} rejected "
+                        f"(first: {first.source_id}: {first.reason})")
+    return converted
+
+
+def _encode(image: SourceImage, max_side: int | None) -> EncodedSample | Reject:
+    try:
+        data = image.read()
+    except OSError as error:
+        return Reject(image.source_id, f"unreadable ({error.strerror or error})")
+    try:
+        encoded, extension = prepare_image(data, max_side)
+    except RejectedImage as error:
+        return Reject(image.source_id, str(error))
+    return EncodedSample(encoded, extension, image.label, image.source_id)
+
+
+def _ordered_map(pool: ThreadPoolExecutor, function: Callable, items: Iterable, window: int) -> Iterator:
+    """`function` over `items` on `pool`, results in input order, at most `window` in flight."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _accepted(results: Iterable[EncodedSample | Reject], rejects: list[Reject], counts: Counter,
+              advance: Callable[[], object]) -> Iterator[EncodedSample]:
+    for result in results:
+        advance()
+        if isinstance(result, Reject):
+            rejects.append(result)
+        else:
+            counts[result.label] += 1
+            yield result
+
+
+def _dataset_info(source_spec: str, source: Source, converted: _Converted, options: PrepOptions) -> DatasetInfo:
+    counts = {
+        split: {"samples": sum(per_class.values()),
+                "per_class": {name: per_class[index] for index, name in enumerate(source.class_names)}}
+        for split, per_class in converted.class_counts.items()
+    }
+    recorded = options.recorded() | {"splits": "source" if source.has_splits else "stratified"}
+    return DatasetInfo(
+        class_names=source.class_names,
+        counts=counts,
+        source=source_spec if source_spec == "digits" else str(Path(source_spec).expanduser().absolute()),
+        options=recorded,
+        rejected=len(converted.rejects),
+        shards=dict(Counter(record.split for record in converted.records)),
+    )
+
+
+def _publish(storage: Storage, staging: Path, converted: _Converted, info: DatasetInfo,
+             progress: bool) -> list[StagedFile]:
+    """Store changed shards, then the rejects report and the manifest; returns what was uploaded."""
+    from tqdm import tqdm
+
+    storage.delete(DATASET_NAME)  # the dataset is incomplete from here until the manifest is back
+    storage.delete(MANIFEST_NAME)
+    to_upload = [StagedFile(staging / r.name, r.name, r.bytes, r.sha256) for r in converted.records
+                 if storage.stored_sha256(r.name) != r.sha256]
+    with tqdm(total=sum(f.size for f in to_upload), unit="B", unit_scale=True, desc="upload",
+              disable=not progress) as bar:
+        storage.publish(to_upload, bar.update)
+    rejects = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in converted.rejects)
+    storage.write_bytes(REJECTS_NAME, rejects.encode())
+    storage.write_bytes(MANIFEST_NAME, manifest_to_parquet(converted.records))
+    storage.write_bytes(DATASET_NAME, info.to_json())
+    return to_upload
