@@ -2,41 +2,20 @@
 
 Objects live in that process's memory: they are gone when it stops. Ray workers and other
 processes reach it over HTTP like any S3 endpoint, which an in-process mock could not offer.
+`create_buckets` provisions the buckets the stack hands out.
 """
 
 from __future__ import annotations
 
-import socket
+import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.net import LOOPBACK, free_port, http_ok, wait_until
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
-    """Block until `url` answers any HTTP status, or raise TimeoutError (RuntimeError if it died)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with code {process.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # the server answered, even if with an error status
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
+REGION = "us-east-1"  # moto ignores regions; clients still need one
 
 
 @dataclass
@@ -59,7 +38,7 @@ class S3Server:
 
 
 def start_s3_server(
-    host: str = "127.0.0.1",
+    host: str = LOOPBACK,
     port: int | None = None,
     log_path: Path | None = None,
     detach: bool = False,
@@ -70,18 +49,38 @@ def start_s3_server(
     `detach=True` starts it in a new session so that it outlives the calling command.
     """
     port = port or free_port(host)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=detach,
-    )
+    with open(log_path or os.devnull, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=detach,
+        )
     endpoint = f"http://{host}:{port}"
     try:
-        wait_for_http(f"{endpoint}/moto-api/", timeout_s, process)
+        wait_until(lambda: s3_server_healthy(endpoint), f"S3 server at {endpoint}", timeout_s, process)
     except BaseException:
         S3Server(endpoint, process).stop()
         raise
     return S3Server(endpoint, process)
+
+
+def s3_server_healthy(endpoint: str) -> bool:
+    return http_ok(f"{endpoint}/moto-api/")
+
+
+def create_buckets(endpoint: str, buckets: list[str], access_key: str, secret_key: str) -> None:
+    """Create each bucket that does not exist yet on the S3 server at `endpoint`."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+    )
+    existing = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
+    for bucket in sorted(set(buckets) - existing):
+        client.create_bucket(Bucket=bucket)

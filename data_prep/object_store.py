@@ -109,6 +109,7 @@ def parse_s3_url(url: str) -> S3Url:
 class StoredObject:
     size: int
     metadata: dict[str, str] = field(default_factory=dict)
+    etag: str = ""
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class ObjectStore:
                 if _error_code(error) in ("404", "NoSuchKey", "NotFound"):
                     return None
                 raise
-        return StoredObject(reply["ContentLength"], reply.get("Metadata", {}))
+        return StoredObject(reply["ContentLength"], reply.get("Metadata", {}), reply.get("ETag", ""))
 
     def get_bytes(self, key: str) -> bytes:
         with self.errors(f"read {key}"):
@@ -180,6 +181,28 @@ class ObjectStore:
     def delete(self, key: str) -> None:
         with self.errors(f"delete {key}"):
             self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def put_if_absent(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> str | None:
+        """Create `key` only if no object has it (S3 conditional write); its ETag, or None if taken."""
+        return self._conditional(f"create {key}", lambda: self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=data, Metadata=metadata or {}, IfNoneMatch="*")["ETag"])
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete `key` only if it still holds the version `etag`; False if it changed or is gone."""
+        return bool(self._conditional(f"delete {key}", lambda: self.client.delete_object(
+            Bucket=self.bucket, Key=key, IfMatch=etag) or True))
+
+    def _conditional(self, what: str, request: Callable[[], object]):
+        from botocore.exceptions import ClientError
+
+        with self.errors(what):
+            try:
+                return request()
+            except ClientError as error:
+                if _error_code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict",
+                                          "NoSuchKey", "404"):
+                    return None
+                raise
 
     def upload_files(
         self,

@@ -15,6 +15,9 @@ from data_prep.errors import UserError
 
 COMMAND_MODULES = (
     "pipelines.model_commands",
+    "pipelines.train",
+    "data_prep.cli",
+    "cluster.cli",
 )
 
 

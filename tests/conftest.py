@@ -1,40 +1,110 @@
 """Shared, session-scoped real services for the test suite (one of each per session).
 
-Expensive services start once: a moto S3 server process on loopback here; the MLflow server and
-the Ray cluster fixtures live beside it as they are added.
+They start once, through the same code as `vitae stack up` (cluster/): a moto S3 server, an MLflow
+server (sqlite backend, proxied artifacts) and a Ray head (`ray start --head` on loopback, token
+authentication, oversubscribed logical CPUs). Each fixture points the test process at its service
+through the standard environment variables and restores them when the session ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
+import sys
+from typing import Iterator, Mapping
 
 import pytest
 
+from cluster.mlflow_server import start_mlflow_server
+from cluster.net import free_port, free_ports
+from cluster.ray_head import (
+    PORT_NAMES,
+    SINGLE_MACHINE_ENV,
+    ray_auth_env,
+    ray_client_env,
+    ray_temp_dir,
+    start_ray_head,
+)
 from cluster.s3_server import start_s3_server
 
 # Planted, fake credentials: security tests grep logs and artifacts for these exact values.
 TEST_ACCESS_KEY = "AKIATESTPLANTEDKEY01"
 TEST_SECRET_KEY = "planted-secret-9f3c2a7e-do-not-log"
 
+RAY_NUM_CPUS = 8  # logical CPUs: multi-worker Train runs fit on a 2-core machine
+
+# Ray fixes its authentication mode and single-machine mode when it is first imported, and test
+# modules import ray while they are collected, before any fixture runs: set them up front.
+RAY_AUTH_TOKEN = secrets.token_hex(32)
+os.environ.update(ray_auth_env(RAY_AUTH_TOKEN))
+os.environ.update(SINGLE_MACHINE_ENV)
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set `values` in os.environ; put back what was there before on exit."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real moto S3 server process; the S3 environment variables point every client at it."""
     server = start_s3_server(log_path=tmp_path_factory.mktemp("s3") / "moto.log")
-    saved = {k: os.environ.get(k) for k in _S3_ENV}
-    os.environ.update(
-        AWS_ENDPOINT_URL_S3=server.endpoint,
-        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    yield server.endpoint
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    try:
+        with _environ(
+            {
+                "AWS_ENDPOINT_URL_S3": server.endpoint,
+                "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        ):
+            yield server.endpoint
+    finally:
+        server.stop()
 
 
-_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite, artifacts served by it); MLFLOW_TRACKING_URI points at it."""
+    home = tmp_path_factory.mktemp("mlflow")
+    server = start_mlflow_server(home, free_port(), home / "mlflow.log")
+    try:
+        with _environ({"MLFLOW_TRACKING_URI": server.uri}):
+            yield server.uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, s3_endpoint, mlflow_server):
+    """A real Ray head (`ray start --head`, token auth, 8 logical CPUs); yields its `RayHead`.
+
+    RAY_ADDRESS (the GCS, for `ray.init()` and Ray Train/Tune) and RAY_API_SERVER_ADDRESS (for job
+    submission) point at it. The head starts from this process's environment, so every Ray process,
+    workers included, sees the S3 and MLflow settings of the fixtures above, as the nodes of a
+    configured cluster would.
+    """
+    home = tmp_path_factory.mktemp("ray")
+    ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
+    head = start_ray_head(ports, RAY_NUM_CPUS, RAY_AUTH_TOKEN, ray_temp_dir(home), home / "ray.log")
+    try:
+        with _environ(ray_client_env(ports, RAY_AUTH_TOKEN)):
+            yield head
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # a driver left connected would outlive its cluster, noisily
+        head.stop()
+        shutil.rmtree(ray_temp_dir(home), ignore_errors=True)
