@@ -1,0 +1,65 @@
+"""Where Ray Train keeps runs: `checkpoint.storage_path` as Ray's storage path plus the filesystem
+that reaches it, and the lookup of a previous run with the same name (which Ray Train resumes).
+
+`s3://bucket/prefix` becomes `bucket/prefix` on a pyarrow `S3FileSystem` configured from the same
+`S3Config` as data_prep's boto3 clients (endpoint, region, retries from the environment).
+Credentials are not put into it: each process that unpickles it (Ray's controller, the workers)
+resolves them from its own environment, as boto3 does, so they never travel with the run config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.errors import UserError
+from data_prep.object_store import S3Config, is_s3_url, parse_s3_url, shared_store
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    url: str
+    path: str  # RunConfig.storage_path
+    filesystem: object | None  # RunConfig.storage_filesystem (pyarrow.fs.FileSystem); None: local
+
+    @classmethod
+    def open(cls, url: str) -> RunStorage:
+        """Check that the location is usable (the bucket exists, the directory can be made)."""
+        if is_s3_url(url):
+            location = parse_s3_url(url)
+            shared_store(location.bucket).check_bucket()
+            return cls(url, f"{location.bucket}/{location.key}".rstrip("/"), s3_filesystem(S3Config.from_env()))
+        directory = Path(url).expanduser().absolute()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot use checkpoint directory {directory}: {error.strerror}") from None
+        return cls(url, str(directory), None)
+
+    def run_url(self, name: str) -> str:
+        return f"{self.url.rstrip('/')}/{name}"
+
+    def previous_result(self, name: str):
+        """The `ray.train.Result` of an earlier run `name` here, or None if there is none."""
+        from ray.train import Result
+
+        train_logger = logging.getLogger("ray.train")
+        level = train_logger.level
+        train_logger.setLevel(logging.WARNING)  # not "A run snapshot was found...": this only looks
+        try:
+            return Result.from_path(f"{self.path}/{name}", storage_filesystem=self.filesystem)
+        except RuntimeError:  # no run folder, or no checkpoint snapshot in it
+            return None
+        finally:
+            train_logger.setLevel(level)
+
+
+def s3_filesystem(config: S3Config):
+    from pyarrow import fs
+
+    return fs.S3FileSystem(
+        endpoint_override=config.endpoint_url, region=config.region,
+        connect_timeout=config.connect_timeout_s, request_timeout=config.read_timeout_s,
+        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts),
+    )

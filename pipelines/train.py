@@ -1,0 +1,133 @@
+"""`vitae train` and `python -m pipelines.train` (the `ray job submit` entrypoint): the driver.
+
+It stays light: it validates the config, checks the dataset and the checkpoint storage, builds
+Ray Train's ScalingConfig and RunConfig, calls `TorchTrainer.fit()` and prints where the results
+went. All training happens in `pipelines.train_loop.train_worker` on the Ray workers.
+
+Resuming: Ray Train (V2) resumes a run when a run of the same `name` exists under the same
+storage path (its checkpoint manager reloads the snapshot and `ray.train.get_checkpoint()`
+returns the latest checkpoint). Re-submitting a job therefore continues it; the driver refuses a
+re-submission whose config changed anything but resources (`train_config.RESUMABLE_CHANGES`).
+
+    ray job submit -- python -m pipelines.train --config configs/digits_vitae_t.yaml --set schedule.epochs=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
+    from pipelines.run_storage import RunStorage
+    from pipelines.train_config import TrainConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a ViTAE model on a prepared dataset with Ray Train",
+        description="Train a model with Ray Train (DDP over the configured workers), checkpointing every "
+                    "epoch and logging to MLflow. Re-running the same run name resumes it.",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="training config (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config value, e.g. --set model.depth=4 (repeatable)")
+    parser.set_defaults(handler=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from pipelines.train_config import load_config
+
+    launch(load_config(args.config, args.overrides))
+    return 0
+
+
+def launch(config: TrainConfig) -> None:
+    from pipelines.run_storage import RunStorage
+
+    check_dataset(config)
+    storage = RunStorage.open(config.checkpoint.storage_path)
+    check_resumable(config, storage)
+    print(f"{config.scaling.num_workers} workers, global batch {config.global_batch_size}, "
+          f"peak lr {config.peak_lr:.2e}, {config.schedule.epochs} epochs", flush=True)
+    result = fit(config, storage)
+    report(result, storage.run_url(config.name))
+
+
+def check_dataset(config: TrainConfig) -> None:
+    """The dataset exists, has both splits and enough training samples for one step per worker."""
+    from data_prep.dataset import PreparedDataset
+    from data_prep.errors import UserError
+    from pipelines.sharding import steps_per_epoch
+
+    dataset = PreparedDataset.open(config.data.url)
+    for field, split in (("data.train_split", config.data.train_split), ("data.val_split", config.data.val_split)):
+        if dataset.num_samples(split) == 0:
+            raise UserError(f"{field}: {config.data.url} has no samples in split {split!r} "
+                            f"(it has: {', '.join(dataset.splits)})")
+    train_samples = dataset.num_samples(config.data.train_split)
+    if steps_per_epoch(train_samples, config.scaling.num_workers, config.data.batch_size) == 0:
+        raise UserError(f"data.batch_size: {train_samples} training samples do not fill one batch of "
+                        f"{config.data.batch_size} on each of {config.scaling.num_workers} workers")
+
+
+def check_resumable(config: TrainConfig, storage: RunStorage) -> None:
+    """A run that exists under this name is resumed, with the same config."""
+    from data_prep.errors import UserError
+    from pipelines.checkpointing import read_checkpoint_config
+    from pipelines.train_config import TrainConfig, config_changes
+
+    previous = storage.previous_result(config.name)
+    if previous is None or previous.checkpoint is None:
+        print(f"run {config.name}: starting (checkpoints in {storage.run_url(config.name)})", flush=True)
+        return
+    changes = config_changes(TrainConfig.model_validate(read_checkpoint_config(previous.checkpoint)), config)
+    if changes:
+        raise UserError(f"run {config.name} exists in {storage.url} with another config ({'; '.join(changes)}): "
+                        "resume it unchanged or choose a new name")
+    print(f"run {config.name}: resuming after epoch {previous.metrics['epoch']} of {config.schedule.epochs}",
+          flush=True)
+
+
+def fit(config: TrainConfig, storage: RunStorage):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train_loop import train_worker
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config.model_dump(mode="json"),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+                                               resources_per_worker=config.scaling.resources_per_worker),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep,
+                                                         checkpoint_score_attribute="val_top1",
+                                                         checkpoint_score_order="max"),
+        ),
+    )
+    return trainer.fit()
+
+
+def report(result, run_url: str) -> None:
+    metrics = result.metrics or {}
+    outcome = result.return_value or {}
+    print(f"done: epoch {metrics.get('epoch')}, val_top1 {metrics.get('val_top1', float('nan')):.2%}, "
+          f"val_loss {metrics.get('val_loss', float('nan')):.4f}")
+    print(f"checkpoints: {run_url} (latest: {result.checkpoint.path if result.checkpoint else 'none'})")
+    print(f"MLflow run: {outcome.get('mlflow_run_url')}")
+    print(f"model: {outcome.get('model_uri')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import main as vitae_main
+
+    return vitae_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

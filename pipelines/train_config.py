@@ -1,0 +1,271 @@
+"""The typed configuration of a training run: one small pydantic model per component (data with its
+augmentation, model, optim, schedule, checkpoint, mlflow, scaling), read from YAML with
+`--set a.b=c` overrides and validated before anything else runs.
+
+Unknown keys and out-of-range values are errors that name the field (`model.depth: ...`); they
+surface as one `UserError` line. The model section is checked by building the model on the meta
+device, so an image size or depth the architecture cannot take is refused here, not on a worker.
+
+Conventions: `data.batch_size` is per worker and per micro-step; the global batch is
+`batch_size * scaling.num_workers * optim.accumulation_steps`. `optim.lr` is the peak learning rate
+per 512 images of global batch (the DeiT/ViTAE convention): the run uses `lr * global_batch / 512`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from data_prep.errors import UserError
+
+LR_REFERENCE_BATCH = 512
+# Fields that may change when a run is resumed: they do not alter what is computed.
+RESUMABLE_CHANGES = frozenset({
+    "data.loader_workers", "scaling.use_gpu", "scaling.resources_per_worker",
+    "checkpoint.num_to_keep", "checkpoint.max_failures", "mlflow.log_model", "mlflow.tracking_uri",
+})
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AugmentConfig(_Section):
+    """Training-time augmentation and target regularisation (evaluation never augments)."""
+
+    scale: tuple[Fraction, Fraction] = (0.08, 1.0)  # random-resized-crop area, as a fraction of the image
+    ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)  # its aspect-ratio range
+    hflip: Fraction = 0.5  # probability of a horizontal flip
+    randaugment_ops: int = Field(0, ge=0, le=8)  # RandAugment-style ops per image (0: off)
+    randaugment_magnitude: float = Field(9.0, ge=0.0, le=10.0)
+    mixup_alpha: float = Field(0.0, ge=0.0)  # 0: off
+    cutmix_alpha: float = Field(0.0, ge=0.0)  # 0: off
+    mix_prob: Fraction = 1.0  # probability that a batch is mixed (when mixup or cutmix is on)
+    switch_prob: Fraction = 0.5  # probability of cutmix rather than mixup when both are on
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"expected 0 < low <= high, got {list(value)}")
+        return value
+
+
+class DataConfig(_Section):
+    url: str = Field(min_length=1)  # a prepared dataset: s3://bucket/prefix or a local directory
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: PositiveInt = 64  # per worker and micro-step
+    loader_workers: int = Field(2, ge=0)  # DataLoader processes per worker
+    shuffle_buffer: PositiveInt = 1000  # samples
+    mean: tuple[float, float, float] | None = None  # default: the model's pretrained_cfg
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None  # default: the model's
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0)  # evaluation centre crop; default: the model's
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bicubic"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ModelConfig(_Section):
+    name: str = "vitae_t"
+    img_size: PositiveInt = 224
+    depth: PositiveInt | None = None  # normal cells (see vitae.create_model); default: the model's
+    mlp_ratio: PositiveFloat | None = None
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    compile: bool = False  # torch.compile the model on each worker
+    channels_last: bool = False
+    bf16: bool = True  # bfloat16 autocast on GPU workers (CPU workers compute in float32)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> ModelConfig:
+        import torch
+        import vitae
+
+        if not vitae.is_model(self.name):
+            raise _field_error("model.name", f"unknown model {self.name!r}; see `vitae models`")
+        with torch.device("meta"):  # builds the architecture without allocating weights
+            vitae.create_model(self.name, num_classes=2, img_size=self.img_size, depth=self.depth,
+                               mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rate)
+        return self
+
+
+class OptimConfig(_Section):
+    lr: PositiveFloat = 5e-4  # peak learning rate per 512 images of global batch
+    weight_decay: float = Field(0.05, ge=0.0)  # not applied to norms, biases and no_weight_decay()
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    grad_clip_norm: PositiveFloat | None = 5.0  # None: no clipping
+    accumulation_steps: PositiveInt = 1
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA of the weights
+
+
+class ScheduleConfig(_Section):
+    """Per optimizer step: linear warmup from `warmup_start_factor * lr`, then cosine decay to
+    `min_lr_ratio * lr` at the end of the last epoch."""
+
+    epochs: PositiveInt = 100
+    warmup_epochs: float = Field(5.0, ge=0.0)
+    warmup_start_factor: float = Field(0.001, gt=0.0, le=1.0)
+    min_lr_ratio: Fraction = 0.01
+
+
+class CheckpointConfig(_Section):
+    storage_path: str = Field(min_length=1)  # s3://bucket/prefix, or a directory every node shares
+    num_to_keep: PositiveInt | None = 2  # the best by validation top-1; the latest is always kept
+    max_failures: int = Field(2, ge=-1)  # worker failures to recover from (-1: no limit)
+
+
+class MlflowConfig(_Section):
+    experiment: str = Field("vitae", min_length=1)
+    tracking_uri: str | None = None  # default: the workers' MLFLOW_TRACKING_URI
+    log_model: bool = True
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]+@", value, re.IGNORECASE):
+            raise ValueError("no user:password@ in the URI: set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
+        return value
+
+
+class ScalingConfig(_Section):
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False  # NCCL between GPU workers, gloo between CPU workers
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0.0)]] | None = None  # default {"CPU": 1}
+
+
+class TrainConfig(_Section):
+    name: str  # the run: re-running the same name with the same storage resumes it
+    seed: int = Field(0, ge=0)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, value: str) -> str:
+        if not re.fullmatch(RUN_NAME, value):
+            raise ValueError("expected letters, digits, '.', '_' or '-' (starting with a letter or digit)")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> TrainConfig:
+        if self.schedule.warmup_epochs >= self.schedule.epochs:
+            raise _field_error("schedule.warmup_epochs",
+                               f"must be less than schedule.epochs ({self.schedule.epochs})")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.data.batch_size * self.scaling.num_workers * self.optim.accumulation_steps
+
+    @property
+    def peak_lr(self) -> float:
+        return self.optim.lr * self.global_batch_size / LR_REFERENCE_BATCH
+
+
+class _FieldError(ValueError):
+    """A cross-section check that names its field itself."""
+
+
+def _field_error(field: str, message: str) -> _FieldError:
+    return _FieldError(f"{field}: {message}")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read `path` (YAML), apply `a.b=c` overrides (values in YAML syntax) and validate."""
+    raw = _read_yaml(Path(path))
+    for override in overrides:
+        _apply_override(raw, override)
+    return parse_config(raw)
+
+
+def parse_config(raw: Any) -> TrainConfig:
+    """Validate a plain mapping; `UserError` naming the first bad field."""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"invalid config: {_first_problem(error)}") from None
+
+
+def flatten(config: TrainConfig) -> dict[str, Any]:
+    """`{"data.url": ..., "model.depth": ...}`: the full resolved config as flat keys."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+def config_changes(previous: TrainConfig, current: TrainConfig) -> list[str]:
+    """The fields, as `key: old -> new`, that differ and may not change when a run resumes."""
+    old, new = flatten(previous), flatten(current)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and not any(key.startswith(f) for f in RESUMABLE_CHANGES)]
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise UserError(f"cannot read config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"config {path} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, separator, text = override.partition("=")
+    if not separator or not key.strip():
+        raise UserError(f"--set {override!r}: expected KEY=VALUE, e.g. model.depth=4")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"--set {override!r}: the value is not valid YAML") from None
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {override!r}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _first_problem(error: ValidationError) -> str:
+    problem = error.errors()[0]
+    message = problem["msg"].removeprefix("Value error, ")
+    if isinstance(problem.get("ctx", {}).get("error"), _FieldError):
+        return message
+    location = ".".join(str(part) for part in problem["loc"])
+    if problem["type"] == "extra_forbidden":
+        return f"{location}: unknown key"
+    return f"{location}: {message}" if location else message

@@ -1,0 +1,339 @@
+"""The function Ray Train runs on every worker, assembled in reading order from this package's
+pieces: where am I (rank, device) -> data -> model, optimisation and progress, restored from the
+latest checkpoint -> DDP -> MLflow (rank 0) -> per epoch: train, validate, log, checkpoint ->
+the final model.
+
+One training step per batch: uint8 images are normalised on the device, optionally mixed
+(mixup/cutmix), and the loss is back-propagated under DDP; with gradient accumulation the
+micro-steps before the last of a group run inside `no_sync()`, so gradients are all-reduced once
+per optimizer step. Then gradient clipping, AdamW, the per-step schedule and the EMA update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import vitae
+from data_prep.dataset import PreparedDataset
+from pipelines.augment import EvalTransform, TrainTransform, normalize
+from pipelines.checkpointing import Checkpointer, RngState, TrainProgress
+from pipelines.evaluation import EvalTotals, broadcast_buffers, evaluate
+from pipelines.input_pipeline import ReaderLayout, SplitShards, eval_loader, train_loader
+from pipelines.mixing import Mixing
+from pipelines.model_packaging import ClassifierInfo
+from pipelines.optim import build_ema, build_optimizer, build_scheduler, copy_buffers
+from pipelines.sharding import steps_per_epoch
+from pipelines.tracking import RunTracker
+from pipelines.train_config import TrainConfig, flatten, to_yaml
+
+logger = logging.getLogger(__name__)  # Ray Train forwards worker logs to the driver's console
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @classmethod
+    def current(cls) -> WorkerEnv:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        return cls(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+
+
+@dataclass
+class DataSetup:
+    class_names: list[str]
+    train: SplitShards
+    val: SplitShards
+    layout: ReaderLayout
+    train_transform: TrainTransform
+    eval_transform: EvalTransform
+    prepare: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch on the device -> model input
+    info: ClassifierInfo
+    steps_per_epoch: int  # micro-steps per rank
+
+
+@dataclass
+class Training:
+    model: nn.Module  # the module itself: checkpointed, evaluated, packaged
+    wrapped: nn.Module  # what a training step calls (DDP when distributed)
+    ema: torch.optim.swa_utils.AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    progress: TrainProgress
+    checkpointer: Checkpointer
+    mixing: Mixing
+    mixing_rng: random.Random
+    criterion: nn.Module
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    data_wait_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    def all_reduced(self, device: torch.device) -> EpochStats:
+        """Sums over ranks (steps: the most any rank ran)."""
+        if not dist.is_initialized():
+            return self
+        sums = torch.tensor([self.loss_sum, self.samples, self.data_wait_s, self.elapsed_s], dtype=torch.float64,
+                            device=device)
+        dist.all_reduce(sums)
+        steps = torch.tensor([self.steps], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        return EpochStats(sums[0].item(), int(sums[1].item()), int(steps.item()), sums[2].item(), sums[3].item())
+
+
+def train_worker(config_dict: dict) -> dict[str, str | None]:
+    """Ray Train's per-worker entry point; rank 0 returns where the results are in MLflow."""
+    config = TrainConfig.model_validate(config_dict)
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials" per client
+    env = WorkerEnv.current()
+    dataset = PreparedDataset.open(config.data.url)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = build_model(config, len(dataset.class_names)).to(env.device)
+    data = build_data(config, env, dataset, model.pretrained_cfg)
+    training = build_training(config, env, model, data.steps_per_epoch)
+    tracker = attach_tracker(config, data, training.progress) if env.rank == 0 else None
+    try:
+        for epoch in range(training.progress.epoch, config.schedule.epochs):
+            run_epoch(config, env, data, training, tracker, epoch)
+        return finish(config, training, data, tracker) if tracker else {}
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    spec = config.model
+    model = vitae.create_model(spec.name, num_classes=num_classes, img_size=spec.img_size, depth=spec.depth,
+                               mlp_ratio=spec.mlp_ratio, drop_path_rate=spec.drop_path_rate)
+    return model.to(memory_format=torch.channels_last) if spec.channels_last else model
+
+
+def build_data(config: TrainConfig, env: WorkerEnv, dataset: PreparedDataset, pretrained_cfg: dict) -> DataSetup:
+    spec, augment = config.data, config.data.augment
+    mean, std = spec.mean or pretrained_cfg["mean"], spec.std or pretrained_cfg["std"]
+    crop_pct = spec.crop_pct or pretrained_cfg["crop_pct"]
+    img_size = config.model.img_size
+    train = SplitShards.of(dataset, spec.train_split)
+    mean_t, std_t = (torch.tensor(values, device=env.device) for values in (mean, std))
+    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, mean_t, std_t).contiguous(memory_format=memory_format)
+
+    return DataSetup(
+        class_names=dataset.class_names,
+        train=train,
+        val=SplitShards.of(dataset, spec.val_split),
+        layout=ReaderLayout(env.rank, env.world_size, spec.loader_workers, pin_memory=env.device.type == "cuda"),
+        train_transform=TrainTransform(img_size, augment.scale, augment.ratio, augment.hflip,
+                                       augment.randaugment_ops, augment.randaugment_magnitude, spec.interpolation),
+        eval_transform=EvalTransform(img_size, crop_pct, spec.interpolation),
+        prepare=prepare,
+        info=ClassifierInfo(config.model.name, dataset.class_names, img_size, tuple(mean), tuple(std), crop_pct,
+                            spec.interpolation),
+        steps_per_epoch=steps_per_epoch(train.total, env.world_size, spec.batch_size),
+    )
+
+
+def build_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_steps: int) -> Training:
+    """Optimisation state, restored from the latest checkpoint if any, then the DDP wrapper."""
+    import ray.train.torch
+
+    torch.manual_seed(config.seed + env.rank + 1)  # distinct drop-path masks per rank
+    random.seed(f"{config.seed}:{env.rank}")
+    ema = build_ema(model, config.optim.ema_decay)
+    optimizer = build_optimizer(model, config.optim, config.peak_lr)
+    scheduler = build_scheduler(optimizer, config.schedule, math.ceil(micro_steps / config.optim.accumulation_steps))
+    progress = TrainProgress()
+    mixing_rng = random.Random(f"mixing:{config.seed}:{env.rank}")
+    states = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
+              **({"ema": ema} if ema else {})}
+    checkpointer = Checkpointer(states, RngState(mixing_rng), env.rank, config.model_dump_json(indent=2))
+    checkpointer.restore_latest()
+    if config.model.compile:
+        model.compile()
+    augment = config.data.augment
+    use_bf16 = env.device.type == "cuda" and config.model.bf16
+    return Training(
+        model=model,
+        wrapped=ray.train.torch.prepare_model(model),
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        progress=progress,
+        checkpointer=checkpointer,
+        mixing=Mixing(model.num_classes, augment.mixup_alpha, augment.cutmix_alpha,
+                      augment.mix_prob, augment.switch_prob),
+        mixing_rng=mixing_rng,
+        criterion=nn.CrossEntropyLoss(label_smoothing=augment.label_smoothing),
+        autocast=lambda: torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16),
+    )
+
+
+def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress) -> RunTracker:
+    derived = {"derived.global_batch_size": config.global_batch_size, "derived.peak_lr": config.peak_lr,
+               "derived.steps_per_epoch": data.steps_per_epoch, "derived.train_samples": data.train.total,
+               "derived.val_samples": data.val.total, "derived.num_classes": len(data.class_names)}
+    tracker = RunTracker.attach(config.name, config.mlflow.experiment, config.mlflow.tracking_uri,
+                                progress.mlflow_run_id, {**flatten(config), **derived}, to_yaml(config))
+    progress.mlflow_run_id = tracker.run_id
+    return tracker
+
+
+def run_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Training,
+              tracker: RunTracker | None, epoch: int) -> None:
+    start = time.perf_counter()
+    loader = train_loader(data.train, data.layout, data.train_transform, config.data.batch_size,
+                          config.data.shuffle_buffer, config.seed, epoch)
+    stats = train_epoch(config, env, data, training, loader).all_reduced(env.device)
+    evaluations = validate(config, env, data, training)
+    metrics = epoch_metrics(epoch, env, training, stats, evaluations, time.perf_counter() - start)
+    training.progress.complete_epoch(metrics)
+    if tracker:
+        logger.info(console_line(metrics, config.schedule.epochs))
+        tracker.log_epoch(epoch + 1, metrics, training.progress.history, evaluations["val"].confusion,
+                          data.class_names)
+    training.checkpointer.report(metrics)
+
+
+def train_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Training,
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> EpochStats:
+    stats = EpochStats()
+    steps, accumulation = data.steps_per_epoch, config.optim.accumulation_steps
+    training.wrapped.train()
+    start = time.perf_counter()
+    for index, (images, labels) in enumerate(_timed(batches, stats)):
+        inputs, targets = training.mixing(data.prepare(images.to(env.device, non_blocking=True)),
+                                          labels.to(env.device, non_blocking=True), training.mixing_rng)
+        group_size, ends_group = accumulation_group(index, steps, accumulation)
+        with _gradient_sync(training.wrapped, ends_group):
+            with training.autocast():
+                loss = training.criterion(training.wrapped(inputs), targets)
+            (loss / group_size).backward()
+        if ends_group:
+            optimizer_step(training, config.optim.grad_clip_norm)
+        stats.loss_sum += loss.item() * len(labels)
+        stats.samples += len(labels)
+        stats.steps += 1
+    stats.elapsed_s = time.perf_counter() - start
+    if stats.steps != steps:
+        raise RuntimeError(f"rank {env.rank} ran {stats.steps} steps, expected {steps}: the shard plan is broken")
+    return stats
+
+
+def accumulation_group(index: int, steps: int, accumulation: int) -> tuple[int, bool]:
+    """For micro-step `index` of `steps`: the size of its accumulation group (the last one of an
+    epoch may be short) and whether it ends the group (then the optimizer steps)."""
+    group_start = index - index % accumulation
+    group_size = min(accumulation, steps - group_start)
+    return group_size, index + 1 == group_start + group_size
+
+
+def optimizer_step(training: Training, grad_clip_norm: float | None) -> None:
+    if grad_clip_norm is not None:
+        nn.utils.clip_grad_norm_(training.model.parameters(), grad_clip_norm)
+    training.optimizer.step()
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scheduler.step()
+    if training.ema is not None:
+        training.ema.update_parameters(training.model)
+    training.progress.step += 1
+
+
+def validate(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Training) -> dict[str, EvalTotals]:
+    """Validation of the model (and its EMA) on every rank's part of the split, summed over ranks."""
+    broadcast_buffers(training.model)
+    models = {"val": training.model}
+    if training.ema is not None:
+        copy_buffers(training.model, training.ema.module)
+        models["val_ema"] = training.ema.module
+    loader = eval_loader(data.val, data.layout, data.eval_transform, config.data.batch_size)
+    with training.autocast():
+        totals = evaluate(models, loader, data.prepare, len(data.class_names), env.device)
+    return {name: total.all_reduced(env.device) for name, total in totals.items()}
+
+
+def epoch_metrics(epoch: int, env: WorkerEnv, training: Training, stats: EpochStats,
+                  evaluations: dict[str, EvalTotals], epoch_time_s: float) -> dict[str, float]:
+    """`stats` are summed over ranks: throughput is global samples over the mean rank's time."""
+    elapsed_sum = max(stats.elapsed_s, 1e-9)
+    metrics = {
+        "epoch": epoch + 1,
+        "step": training.progress.step,
+        "lr": training.optimizer.param_groups[0]["lr"],
+        "train_loss": stats.loss_sum / max(stats.samples, 1),
+        "train_steps": stats.steps,
+        "images_per_s": stats.samples * env.world_size / elapsed_sum,
+        "data_wait_frac": stats.data_wait_s / elapsed_sum,
+        "epoch_time_s": epoch_time_s,
+    }
+    for name, totals in evaluations.items():
+        metrics.update(totals.metrics(name))
+    return metrics
+
+
+def console_line(metrics: dict[str, float], epochs: int) -> str:
+    ema = f"  ema_top1 {metrics['val_ema_top1']:.2%}" if "val_ema_top1" in metrics else ""
+    return (f"epoch {metrics['epoch']}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
+            f"val_loss {metrics['val_loss']:.4f}  val_top1 {metrics['val_top1']:.2%}  "
+            f"val_top5 {metrics['val_top5']:.2%}{ema}  lr {metrics['lr']:.2e}  "
+            f"{metrics['images_per_s']:,.0f} img/s  {metrics['epoch_time_s']:.1f} s  "
+            f"data wait {metrics['data_wait_frac']:.0%}")
+
+
+def finish(config: TrainConfig, training: Training, data: DataSetup, tracker: RunTracker) -> dict[str, str | None]:
+    """Rank 0: log the final model once (the EMA if it validated better), close the MLflow run."""
+    if config.mlflow.log_model and tracker.model_uri is None:
+        source, weights = final_weights(training)
+        tracker.log_model(weights, data.info, source)
+    tracker.finish()
+    return {"mlflow_run_id": tracker.run_id, "mlflow_run_url": tracker.run_url(), "model_uri": tracker.model_uri}
+
+
+def final_weights(training: Training) -> tuple[str, nn.Module]:
+    last = training.progress.history[-1]
+    if training.ema is not None and last.get("val_ema_top1", -1.0) > last["val_top1"]:
+        return "ema", training.ema.module
+    return "model", training.model
+
+
+def _timed(batches: Iterable, stats: EpochStats) -> Iterator:
+    """`batches`, adding the time spent waiting for each to `stats.data_wait_s`."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(iterator, None)
+        stats.data_wait_s += time.perf_counter() - start
+        if batch is None:
+            return
+        yield batch
+
+
+def _gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync()` for the micro-steps that do not end an accumulation group."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()

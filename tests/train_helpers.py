@@ -1,0 +1,86 @@
+"""Shared by the training tests: small generated datasets and configs for a tiny model."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import yaml
+from PIL import Image, ImageDraw
+
+from data_prep.prep import PrepOptions, prepare
+from data_prep.sources import SourceOptions
+
+COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230))
+
+
+def shape_image(label: int, index: int, size: tuple[int, int]) -> bytes:
+    """A coloured shape per class on a dark background, placed and sized by `index`."""
+    image = Image.new("RGB", size, (20 + index % 7, 20, 30))
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    left, top = index % (width // 3), (index * 3) % (height // 3)
+    box = (left, top, left + width // 2, top + height // 2)
+    [draw.rectangle, draw.ellipse, draw.polygon][label](
+        box if label < 2 else [(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])],
+        fill=COLOURS[label])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_shapes_folder(root: Path, per_class: int) -> Path:
+    """root/<class>/<n>.png for three classes, in assorted sizes and aspect ratios."""
+    for label, name in enumerate(("square", "disc", "triangle")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            size = (24 + index % 3 * 8, 20 + index % 4 * 6)
+            (root / name / f"{index}.png").write_bytes(shape_image(label, index, size))
+    return root
+
+
+def prepare_dataset(source: str, dest: str, shard_max_samples: int, digits_size: int = 16) -> str:
+    prepare(source, dest, PrepOptions(shard_max_samples=shard_max_samples, workers=2,
+                                      source=SourceOptions(digits_size=digits_size)), progress=False)
+    return dest
+
+
+def tiny_config(run_name: str, data_url: str, storage_path: str, **sections) -> dict:
+    """A 2-worker CPU run of a one-cell vitae_t at 16 px; `sections` update the defaults."""
+    config = {
+        "name": run_name,
+        "data": {"url": data_url, "batch_size": 32, "loader_workers": 1, "shuffle_buffer": 200, "crop_pct": 1.0,
+                 "interpolation": "bilinear", "augment": {"scale": [0.7, 1.0], "hflip": 0.0}},
+        "model": {"name": "vitae_t", "img_size": 16, "depth": 1, "drop_path_rate": 0.0},
+        "optim": {"lr": 1.6e-2, "ema_decay": 0.9},
+        "schedule": {"epochs": 3, "warmup_epochs": 0.5},
+        "checkpoint": {"storage_path": storage_path, "num_to_keep": 2, "max_failures": 1},
+        "mlflow": {"experiment": "vitae-tests"},
+        "scaling": {"num_workers": 2},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def all_reduce_totals(rank: int, init_file: str, parts: list, num_classes: int, out: str) -> None:
+    """A gloo rank of `parts` (logits, labels) per rank: all-reduces its totals; rank 0 saves them."""
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.evaluation import EvalTotals
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(parts))
+    logits, labels = parts[rank]
+    totals = EvalTotals.zeros(num_classes)
+    if len(labels):
+        totals.add_batch(logits, labels)
+    reduced = totals.all_reduced(torch.device("cpu"))
+    if rank == 0:
+        torch.save(reduced, out)
+    dist.destroy_process_group()
