@@ -13,6 +13,7 @@ module; unpickling a pipeline that references `decode_sample` does so (e.g. in D
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from PIL import Image
@@ -68,6 +69,13 @@ class PreparedDataset:
 
     def num_samples(self, split: str) -> int:
         return sum(self.shard_samples(split))
+
+    def manifest_sha256(self) -> str:
+        """The SHA-256 of the manifest's bytes: names this exact version of the dataset."""
+        manifest = self.storage.read_bytes(MANIFEST_NAME)
+        if manifest is None:
+            raise UserError(f"{self.url}: {MANIFEST_NAME} has disappeared")
+        return hashlib.sha256(manifest).hexdigest()
 
 
 def decode_sample(sample: dict) -> tuple[Image.Image, int]:

@@ -16,6 +16,11 @@ from data_prep.errors import UserError
 COMMAND_MODULES = (
     "pipelines.model_commands",
     "pipelines.train",
+    "pipelines.tune",
+    "pipelines.evaluate",
+    "pipelines.predict",
+    "pipelines.promote",
+    "pipelines.quickstart",
     "data_prep.cli",
     "cluster.cli",
 )

@@ -49,10 +49,11 @@ class EvalTotals:
         return EvalTotals(packed[0].item(), int(packed[1]), int(packed[2]), int(packed[3]),
                           packed[4:].round().long().view_as(self.confusion))
 
-    def metrics(self, prefix: str) -> dict[str, float]:
-        count = max(self.count, 1)
-        return {f"{prefix}_loss": self.loss_sum / count, f"{prefix}_top1": self.top1 / count,
-                f"{prefix}_top5": self.top5 / count}
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Mean loss, top-1 and top-5 accuracy, keyed `{prefix}_loss` etc. (`loss` etc. without one)."""
+        count, start = max(self.count, 1), f"{prefix}_" if prefix else ""
+        return {f"{start}loss": self.loss_sum / count, f"{start}top1": self.top1 / count,
+                f"{start}top5": self.top5 / count}
 
 
 @torch.no_grad()

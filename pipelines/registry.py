@@ -18,6 +18,7 @@ from data_prep.errors import UserError
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS_CHAMPION = "previous-champion"
+DATASET_URL_TAG = "dataset_url"  # on a registered version: the prepared dataset it was trained on
 
 Evaluate = Callable[[str], Mapping[str, float]]
 
@@ -69,16 +70,22 @@ def register_challenger(model_uri: str, model_name: str, tags: Mapping[str, obje
     return version
 
 
+def challenger_version(model_name: str, version: str | None = None, client=None) -> str:
+    """`version` if given, else the version behind `@challenger`; `UserError` when there is none."""
+    challenger = version or alias_version(model_name, CHALLENGER, client)
+    if challenger is None:
+        raise UserError(f"registered model {model_name!r} has no @{CHALLENGER} version: run a sweep "
+                        "first or pass --version")
+    return challenger
+
+
 def promote(model_name: str, evaluate: Evaluate, *, version: str | None = None, metric: str = "top1",
             margin: float = 0.0, lease: contextlib.AbstractContextManager | None = None) -> Promotion:
     """Score the challenger (or `version`) and the champion; move `champion` only if the challenger
     beats it by more than `margin`. The old champion becomes `previous-champion`."""
     client = _client()
     with lease or contextlib.nullcontext():
-        challenger = version or alias_version(model_name, CHALLENGER, client)
-        if challenger is None:
-            raise UserError(f"registered model {model_name!r} has no @{CHALLENGER} version: run a sweep "
-                            "first or pass --version")
+        challenger = challenger_version(model_name, version, client)
         champion = alias_version(model_name, CHAMPION, client)
         if champion == challenger:
             return Promotion(model_name, challenger, champion, metric, None, None, margin, False,

@@ -1,4 +1,5 @@
-"""MLflow, owned here and used by rank 0 only: one MLflow run per training run.
+"""MLflow, owned here: one MLflow run per training run (used by rank 0 only), and one per sweep
+with the sweep's trials nested under it.
 
 The run is found again rather than duplicated: a resumed training run carries its MLflow run id
 in the checkpoint; a run restarted before its first checkpoint finds the run it had created by
@@ -7,12 +8,18 @@ flat params (plus derived values such as the scaled learning rate) and `config.y
 logs its metrics (step = epoch) and redraws `learning_curves.png` and `confusion_matrix.png`; the
 end logs the packaged model (see `model_packaging`) once and tags the run with its URI.
 
+A sweep's run is found again by the tag `vitae.sweep_name` while it is unfinished (an interrupted
+sweep). A trial's training run names it as parent (MLflow's `mlflow.parentRunId` tag, which nests
+it in the UI) when it is created; the sweep's run ends with the trial table and figure.
+
 Nothing secret is logged: the config holds no credentials (they come from the environment; the
 config refuses a tracking URI with `user:password@`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import time
 from typing import Any, Mapping, Sequence
@@ -24,6 +31,8 @@ from pipelines import plots
 from pipelines.model_packaging import ClassifierInfo, log_classifier
 
 RUN_NAME_TAG = "vitae.run_name"
+SWEEP_NAME_TAG = "vitae.sweep_name"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (mlflow.utils.mlflow_tags)
 MODEL_URI_TAG = "vitae.model_uri"
 PARAMS_PER_REQUEST = 100  # MLflow's log_batch limit
 _USERINFO = re.compile(r"(?<=://)[^/@]+@")
@@ -35,18 +44,28 @@ class RunTracker:
 
     @classmethod
     def attach(cls, run_name: str, experiment: str, tracking_uri: str | None, run_id: str | None,
-               params: Mapping[str, Any], config_yaml: str) -> RunTracker:
-        """The MLflow run of training run `run_name`: `run_id` if known, else an unstarted one, else new."""
-        import mlflow
-        from mlflow import MlflowClient
-
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        client = MlflowClient()
-        experiment_id = _experiment_id(client, experiment)
+               params: Mapping[str, Any], config_yaml: str, parent_run_id: str | None = None) -> RunTracker:
+        """The MLflow run of training run `run_name`: `run_id` if known, else an unstarted one, else
+        new (nested under `parent_run_id`, a sweep's run, if given)."""
+        client, experiment_id = _connect(experiment, tracking_uri)
         run_id = run_id or _unstarted_run(client, experiment_id, run_name)
+        tags = {RUN_NAME_TAG: run_name, **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
+        return cls._open(client, experiment_id, run_id, run_name, tags, params, config_yaml)
+
+    @classmethod
+    def attach_sweep(cls, sweep_name: str, experiment: str, tracking_uri: str | None, params: Mapping[str, Any],
+                     config_yaml: str) -> RunTracker:
+        """The MLflow run of sweep `sweep_name`: its unfinished run (the sweep resumes), else new."""
+        client, experiment_id = _connect(experiment, tracking_uri)
+        run_id = _unfinished_sweep_run(client, experiment_id, sweep_name)
+        return cls._open(client, experiment_id, run_id, sweep_name, {SWEEP_NAME_TAG: sweep_name}, params, config_yaml)
+
+    @classmethod
+    def _open(cls, client, experiment_id: str, run_id: str | None, run_name: str, tags: Mapping[str, str],
+              params: Mapping[str, Any], config_yaml: str) -> RunTracker:
+        """Run `run_id`, or a new run; its config is logged once; it is marked running."""
         if run_id is None:
-            run_id = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name}).info.run_id
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
         tracker = cls(client, run_id, experiment_id)
         if not client.get_run(run_id).data.params:
             tracker._log_config(params, config_yaml)
@@ -83,7 +102,45 @@ class RunTracker:
         return uri
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        _terminate(self.client, self.run_id, status)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.client.get_run(self.run_id).data.tags
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), timestamp, 0)
+                                                    for key, value in metrics.items()])
+
+    def child_runs(self) -> dict[str, Any]:
+        """The runs nested under this one (a sweep's trials), by training-run name."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}'")
+        return {run.data.tags.get(RUN_NAME_TAG, run.info.run_id): run for run in runs}
+
+    def end_running_children(self) -> list[str]:
+        """Mark KILLED the nested runs still running once the sweep is over: trials whose training
+        was ended from outside (stopped early by the scheduler). Returns their names."""
+        running = {name: run for name, run in self.child_runs().items() if run.info.status == "RUNNING"}
+        for run in running.values():
+            _terminate(self.client, run.info.run_id, "KILLED")
+        return sorted(running)
+
+    def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
+        """`rows` as a CSV artifact `name`."""
+        import pandas
+
+        self.client.log_text(self.run_id, pandas.DataFrame(rows).to_csv(index=False), name)
+
+    def log_figure(self, figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
 
     def run_url(self) -> str:
         """The run's page (the tracking URI of the environment may carry credentials: dropped)."""
@@ -91,6 +148,23 @@ class RunTracker:
 
         base = _USERINFO.sub("", mlflow.get_tracking_uri()).rstrip("/")
         return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def _terminate(client, run_id: str, status: str) -> None:
+    """End a run without MLflow's "View run" line: it is built from the tracking URI, credentials included."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        client.set_terminated(run_id, status)
+
+
+def _connect(experiment: str, tracking_uri: str | None):
+    """A client of `tracking_uri` (default: the environment's) and the id of `experiment` (created if new)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    return client, _experiment_id(client, experiment)
 
 
 def _experiment_id(client, name: str) -> str:
@@ -110,3 +184,10 @@ def _unstarted_run(client, experiment_id: str, run_name: str) -> str | None:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                               order_by=["attributes.start_time DESC"])
     return next((run.info.run_id for run in runs if "epoch" not in run.data.metrics), None)
+
+
+def _unfinished_sweep_run(client, experiment_id: str, sweep_name: str) -> str | None:
+    """The run of an interrupted sweep `sweep_name` (a finished sweep's run is never reopened)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_NAME_TAG}` = '{sweep_name}'",
+                              order_by=["attributes.start_time DESC"])
+    return next((run.info.run_id for run in runs if run.info.status != "FINISHED"), None)

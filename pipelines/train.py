@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
     from pipelines.run_storage import RunStorage
@@ -89,7 +89,9 @@ def check_resumable(config: TrainConfig, storage: RunStorage) -> None:
           flush=True)
 
 
-def fit(config: TrainConfig, storage: RunStorage):
+def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = ()):
+    """Run (or resume) training run `config.name`; `callbacks` go to Ray Train's RunConfig (a sweep's
+    trial passes Tune's `TuneReportCallback`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -98,12 +100,12 @@ def fit(config: TrainConfig, storage: RunStorage):
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config.model_dump(mode="json"),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                                               resources_per_worker=config.scaling.resources_per_worker),
+        scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=config.name,
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
+            callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep,
                                                          checkpoint_score_attribute="val_top1",
@@ -111,6 +113,14 @@ def fit(config: TrainConfig, storage: RunStorage):
         ),
     )
     return trainer.fit()
+
+
+def scaling_config(config: TrainConfig):
+    """Ray Train's ScalingConfig of the run (its `total_resources` is what the workers occupy)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+                                   resources_per_worker=config.scaling.resources_per_worker)
 
 
 def report(result, run_url: str) -> None:

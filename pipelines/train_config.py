@@ -27,6 +27,7 @@ LR_REFERENCE_BATCH = 512
 RESUMABLE_CHANGES = frozenset({
     "data.loader_workers", "scaling.use_gpu", "scaling.resources_per_worker",
     "checkpoint.num_to_keep", "checkpoint.max_failures", "mlflow.log_model", "mlflow.tracking_uri",
+    "mlflow.parent_run_id",
 })
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -128,6 +129,7 @@ class MlflowConfig(_Section):
     experiment: str = Field("vitae", min_length=1)
     tracking_uri: str | None = None  # default: the workers' MLFLOW_TRACKING_URI
     log_model: bool = True
+    parent_run_id: str | None = None  # set by a sweep: the run is nested under the sweep's MLflow run
 
     @field_validator("tracking_uri")
     @classmethod
@@ -188,9 +190,9 @@ def _field_error(field: str, message: str) -> _FieldError:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """Read `path` (YAML), apply `a.b=c` overrides (values in YAML syntax) and validate."""
-    raw = _read_yaml(Path(path))
+    raw = read_yaml(Path(path))
     for override in overrides:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     return parse_config(raw)
 
 
@@ -199,7 +201,7 @@ def parse_config(raw: Any) -> TrainConfig:
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as error:
-        raise UserError(f"invalid config: {_first_problem(error)}") from None
+        raise UserError(f"invalid config: {first_problem(error)}") from None
 
 
 def flatten(config: TrainConfig) -> dict[str, Any]:
@@ -228,7 +230,7 @@ def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as error:
@@ -242,7 +244,8 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _apply_override(raw: dict, override: str) -> None:
+def apply_override(raw: dict, override: str) -> None:
+    """`a.b=c` (the value in YAML syntax) set in the mapping `raw`."""
     key, separator, text = override.partition("=")
     if not separator or not key.strip():
         raise UserError(f"--set {override!r}: expected KEY=VALUE, e.g. model.depth=4")
@@ -250,17 +253,23 @@ def _apply_override(raw: dict, override: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         raise UserError(f"--set {override!r}: the value is not valid YAML") from None
-    *parents, leaf = key.strip().split(".")
+    set_value(raw, key.strip(), value, f"--set {override!r}")
+
+
+def set_value(raw: dict, key: str, value: Any, where: str) -> None:
+    """`raw["a"]["b"] = value` for the dotted `key` "a.b", creating sections; `where` names the source in errors."""
+    *parents, leaf = key.split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"--set {override!r}: {part} is not a section")
+            raise UserError(f"{where}: {part} is not a section")
         node = child
     node[leaf] = value
 
 
-def _first_problem(error: ValidationError) -> str:
+def first_problem(error: ValidationError) -> str:
+    """The first problem of a pydantic validation, as `field.path: message`."""
     problem = error.errors()[0]
     message = problem["msg"].removeprefix("Value error, ")
     if isinstance(problem.get("ctx", {}).get("error"), _FieldError):

@@ -198,7 +198,8 @@ def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress
                "derived.steps_per_epoch": data.steps_per_epoch, "derived.train_samples": data.train.total,
                "derived.val_samples": data.val.total, "derived.num_classes": len(data.class_names)}
     tracker = RunTracker.attach(config.name, config.mlflow.experiment, config.mlflow.tracking_uri,
-                                progress.mlflow_run_id, {**flatten(config), **derived}, to_yaml(config))
+                                progress.mlflow_run_id, {**flatten(config), **derived}, to_yaml(config),
+                                parent_run_id=config.mlflow.parent_run_id)
     progress.mlflow_run_id = tracker.run_id
     return tracker
 

@@ -1,0 +1,177 @@
+"""`vitae evaluate` and `python -m pipelines.evaluate` (a `ray job submit` entrypoint): a logged
+model scored on one split of a prepared dataset, in one process, by the code that validates during
+training (`EvalTransform`, `evaluation.evaluate`, `EvalTotals`), so the numbers are training's.
+
+`evaluate_model` is what promotion scores challenger and champion with. The command prints top-1,
+top-5 and loss and writes `confusion_matrix.png` and `metrics.json` to the output directory.
+
+    ray job submit -- python -m pipelines.evaluate --model models:/digits@champion \\
+        --data s3://vitae-data/digits --split test --output /tmp/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from data_prep.errors import UserError
+
+if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
+    import torch
+
+    from torch import nn
+
+    from data_prep.dataset import PreparedDataset
+    from pipelines.evaluation import EvalTotals
+    from pipelines.model_packaging import ClassifierInfo
+
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_LOADER_WORKERS = 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="score a logged model on a split of a prepared dataset",
+        description="Evaluate an MLflow model on one split of a prepared dataset with the training code's "
+                    "evaluation (one process; a GPU if there is one): prints top-1, top-5 and loss, writes "
+                    "confusion_matrix.png and metrics.json.",
+    )
+    parser.add_argument("--model", required=True, metavar="URI",
+                        help="an MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID/model, ...")
+    parser.add_argument("--data", required=True, metavar="DEST", help="the prepared dataset (s3:// URL or path)")
+    parser.add_argument("--split", default="test", help="the split to evaluate on (default: test)")
+    parser.add_argument("--output", metavar="DIR", type=Path,
+                        help="where to write the figure and metrics (default: evaluations/<model>-<split>)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass")
+    parser.add_argument("--loader-workers", type=int, default=DEFAULT_LOADER_WORKERS,
+                        help="DataLoader processes decoding images (0: in this process)")
+    parser.set_defaults(handler=evaluate_command)
+
+
+@dataclass
+class Evaluation:
+    model_uri: str
+    data_url: str
+    split: str
+    info: ClassifierInfo
+    totals: EvalTotals
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {**self.totals.metrics(), "samples": float(self.totals.count)}
+
+    def summary(self) -> str:
+        metrics = self.metrics
+        return (f"{self.model_uri} on {self.data_url} [{self.split}], {self.totals.count} samples: "
+                f"top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  loss {metrics['loss']:.4f}")
+
+
+def evaluate_model(model_uri: str, data_url: str, split: str = "test") -> dict[str, float]:
+    """`top1`, `top5`, `loss` and `samples` of `model_uri` on `split` of the dataset at `data_url`."""
+    return run_evaluation(model_uri, data_url, split).metrics
+
+
+def run_evaluation(model_uri: str, data_url: str, split: str, batch_size: int = DEFAULT_BATCH_SIZE,
+                   loader_workers: int = DEFAULT_LOADER_WORKERS) -> Evaluation:
+    import torch
+    from tqdm import tqdm
+
+    from pipelines.augment import EvalTransform
+    from pipelines.evaluation import evaluate
+    from pipelines.input_pipeline import ReaderLayout, SplitShards, eval_loader
+
+    dataset = open_split(data_url, split)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_model(model_uri, device)
+    check_classes(model_uri, info.class_names, data_url, dataset.class_names)
+    shards = SplitShards.of(dataset, split)
+    transform = EvalTransform(info.img_size, info.crop_pct, info.interpolation)
+    loader = eval_loader(shards, ReaderLayout(0, 1, loader_workers, pin_memory=device.type == "cuda"), transform,
+                         batch_size)
+    batches = tqdm(loader, desc=f"evaluating on {split}", unit="batch", total=-(-shards.total // batch_size),
+                   disable=None)
+    totals = evaluate({"model": model}, batches, lambda images: images, len(info.class_names), device)["model"]
+    return Evaluation(model_uri, data_url, split, info, totals)
+
+
+def open_split(data_url: str, split: str) -> PreparedDataset:
+    from data_prep.dataset import PreparedDataset
+
+    dataset = PreparedDataset.open(data_url)
+    if dataset.num_samples(split) == 0:
+        raise UserError(f"{data_url} has no samples in split {split!r} (it has: {describe(dataset.splits)})")
+    return dataset
+
+
+def check_classes(model_uri: str, model_classes: list[str], data_url: str, data_classes: list[str]) -> None:
+    if model_classes != data_classes:
+        raise UserError(f"{model_uri} predicts {len(model_classes)} classes ({describe(model_classes)}), "
+                        f"{data_url} has {len(data_classes)} ({describe(data_classes)}): evaluate a model on "
+                        "the classes it was trained on")
+
+
+def load_model(model_uri: str, device: torch.device) -> tuple[nn.Module, ClassifierInfo]:
+    """The logged `PackagedClassifier` (uint8 in, logits out) on `device`, with its metadata."""
+    import tempfile
+
+    import mlflow
+
+    from pipelines.serving import load_classifier, loading
+
+    with loading(model_uri), tempfile.TemporaryDirectory(prefix="vitae-model-") as directory:
+        return load_classifier(mlflow.artifacts.download_artifacts(model_uri, dst_path=directory), device)
+
+
+def describe(names: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def write_report(evaluation: Evaluation, directory: Path) -> list[Path]:
+    """`confusion_matrix.png` and `metrics.json` in the (existing) `directory`; returns their paths."""
+    import json
+
+    from pipelines import plots
+
+    figure_path, metrics_path = directory / "confusion_matrix.png", directory / "metrics.json"
+    plots.confusion_matrix(evaluation.totals.confusion, evaluation.info.class_names, evaluation.split).savefig(
+        figure_path)
+    report = {"model_uri": evaluation.model_uri, "data_url": evaluation.data_url, "split": evaluation.split,
+              **evaluation.metrics, "class_names": evaluation.info.class_names,
+              "confusion": evaluation.totals.confusion.tolist()}
+    metrics_path.write_text(json.dumps(report, indent=2) + "\n")
+    return [figure_path, metrics_path]
+
+
+def default_output(model_uri: str, split: str) -> Path:
+    """evaluations/<the URI without its scheme, as a file name>-<split>"""
+    name = re.sub(r"[^\w.@-]+", "_", model_uri.split(":", 1)[-1].strip("/"))
+    return Path("evaluations") / f"{name}-{split}"
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.loader_workers < 0:
+        raise UserError("--batch-size must be at least 1 and --loader-workers at least 0")
+    output = args.output or default_output(args.model, args.split)
+    try:  # before the evaluation: a bad --output fails at once
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--output {output}: cannot create it ({error.strerror or error})") from None
+    evaluation = run_evaluation(args.model, args.data, args.split, args.batch_size, args.loader_workers)
+    print(evaluation.summary())
+    written = write_report(evaluation, output)
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import main as vitae_main
+
+    return vitae_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

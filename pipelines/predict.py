@@ -1,0 +1,60 @@
+"""`vitae predict`: the top-k classes of image files, with names and probabilities, through the
+model's pyfunc interface (what `mlflow.pyfunc.load_model` and a serving endpoint run).
+
+The files are read and decoded before the model is loaded, so a bad path or a file that is not an
+image ends the command at once, in one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="classify image files with a logged model",
+        description="Print the top-k classes of each image (any size; JPEG, PNG, WebP, BMP, ...) as the "
+                    "model's pyfunc interface answers them.",
+    )
+    parser.add_argument("--model", required=True, metavar="URI",
+                        help="an MLflow model URI, e.g. models:/NAME@champion or models:/NAME/3")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    parser.set_defaults(handler=predict_command)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    import mlflow.pyfunc
+
+    from data_prep.errors import UserError
+    from pipelines.serving import loading
+
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    pictures = [read_image(path) for path in args.images]
+    with loading(args.model):
+        model = mlflow.pyfunc.load_model(args.model)
+    predictions = model.predict(pictures, params={"top_k": args.top_k})
+    width = max(len(name) for names in predictions["class_names"] for name in names)
+    for path, names, probabilities in zip(args.images, predictions["class_names"], predictions["probabilities"]):
+        print(path)
+        for rank, (name, probability) in enumerate(zip(names, probabilities), start=1):
+            print(f"  {rank}. {name:<{width}}  {probability:7.2%}")
+    return 0
+
+
+def read_image(path: str):
+    """The decoded image at `path`; `UserError` if it cannot be read or is not an image."""
+    from data_prep.errors import UserError
+    from data_prep.images import RejectedImage
+    from pipelines.serving import decode
+
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        return decode(data, path)
+    except RejectedImage as error:
+        raise UserError(str(error)) from None

@@ -1,0 +1,115 @@
+"""`vitae quickstart`: the whole pipeline, end to end, on the embedded local stack.
+
+1. start (or reuse) the embedded stack (S3, MLflow, Ray head) and point this process at it;
+2. prepare scikit-learn's digits at 32 px into the stack's data bucket (nothing is re-uploaded
+   when it is already there);
+3. run the digits sweep (`configs/digits_sweep.yaml`: trials over mlp_ratio / depth / learning
+   rate, 2 Ray Train workers each, ASHA early stopping), which registers its best trial as
+   `@challenger`;
+4. promote it: challenger and current `@champion` are evaluated on the test split, the champion
+   alias moves only if the challenger is better;
+5. print the champion's test accuracy and where to look.
+
+Each run is a new sweep (named after the time it started); running it again reuses the stack and
+the dataset, and its best model becomes champion only if it beats the one before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_sweep.yaml"
+DIGITS_SIZE = 32
+SHARD_MAX_SAMPLES = 300  # several shards per split, so that workers stream in parallel
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quickstart", help="run the whole pipeline on the embedded stack (digits, sweep, registry)",
+        description="Run the whole pipeline end to end on the embedded local stack: start it, prepare the "
+                    "digits data set, sweep, register the best model and promote it.",
+    )
+    parser.add_argument("--dir", default=".vitae", help="the embedded stack's directory (default .vitae)")
+    parser.add_argument("--config", default=str(SWEEP_CONFIG), help="the sweep config (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a sweep config value, e.g. --set search.num_samples=6 (repeatable)")
+    parser.set_defaults(handler=quickstart_command)
+
+
+def quickstart_command(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    env = start_stack(Path(args.dir))
+    dataset_url = f"s3://{env['VITAE_DATA_BUCKET']}/digits-{DIGITS_SIZE}px"
+    prepare_digits(dataset_url)
+    sweep = load_quickstart_sweep(args.config, args.overrides, dataset_url, env["VITAE_CHECKPOINT_BUCKET"])
+    step(f"3/4 sweep {sweep.name}: {sweep.config.search.num_samples} trials, registered as "
+         f"{sweep.config.registry.model_name}@challenger, then promoted (4/4)")
+    from pipelines.tune import launch
+
+    status = launch(sweep, resume=False)
+    if status:
+        return status
+    summarize(sweep.config.registry.model_name, dataset_url, env, Path(args.dir), time.monotonic() - started)
+    return 0
+
+
+def step(message: str) -> None:
+    print(f"\n== {message}", flush=True)
+
+
+def start_stack(directory: Path) -> dict[str, str]:
+    """Start or reuse the stack; this process (and what it starts) uses its addresses from now on.
+
+    Ray reads its authentication settings when imported, so nothing may import ray before this.
+    """
+    from cluster.stack import Stack, client_env
+
+    step(f"1/4 embedded stack in {directory}")
+    stack = Stack(directory)
+    for status in stack.up({}):
+        print(f"  {status.name:<7}{status.address}")
+    env = client_env(stack.load())
+    os.environ.update(env)
+    return env
+
+
+def prepare_digits(dataset_url: str) -> None:
+    from data_prep.prep import PrepOptions, prepare
+    from data_prep.sources import SourceOptions
+
+    step(f"2/4 digits data set -> {dataset_url}")
+    summary = prepare("digits", dataset_url, PrepOptions(shard_max_samples=SHARD_MAX_SAMPLES,
+                                                         source=SourceOptions(digits_size=DIGITS_SIZE)))
+    print(f"  {summary.images} images in {summary.shards} shards {summary.split_counts}; "
+          f"uploaded {summary.uploaded}, already there {summary.shards - summary.uploaded}")
+
+
+def load_quickstart_sweep(config: str, overrides: list[str], dataset_url: str, checkpoint_bucket: str):
+    from pipelines.sweep_config import load_sweep
+
+    return load_sweep(config, [
+        f"name=quickstart-{time.strftime('%Y%m%d-%H%M%S')}",
+        f"overrides.data.url={dataset_url}",
+        f"overrides.checkpoint.storage_path=s3://{checkpoint_bucket}/sweeps",
+        "registry.promote=true",
+        *overrides,
+    ])
+
+
+def summarize(model_name: str, dataset_url: str, env: dict[str, str], directory: Path, elapsed_s: float) -> None:
+    from pipelines.evaluate import evaluate_model
+    from pipelines.registry import CHAMPION, alias_version
+
+    champion = alias_version(model_name, CHAMPION)
+    uri = f"models:/{model_name}@{CHAMPION}"
+    metrics = evaluate_model(uri, dataset_url, "test")
+    step(f"done in {elapsed_s / 60:.1f} min")
+    print(f"  champion:      {model_name} version {champion} ({uri})")
+    print(f"  test accuracy: {metrics['top1']:.2%} top-1, {metrics['top5']:.2%} top-5 "
+          f"on {metrics['samples']:.0f} images")
+    print(f"  MLflow UI:     {env['MLFLOW_TRACKING_URI']}  (the sweep's parent run and its trials, "
+          f"promotions/{model_name}, Models > {model_name})")
+    print(f"  try it:        source {directory / 'stack.env'} && vitae predict --model {uri} IMAGE.png")

@@ -1,0 +1,373 @@
+"""`vitae tune` and `python -m pipelines.tune` (the `ray job submit` entrypoint): a hyperparameter
+sweep of training runs with Ray Tune, tracked in MLflow, its best trial registered.
+
+A trial is `run_trial` on a Tune trial actor: the sweep's base training config with the trial's
+sampled values, as run `<sweep>-<trial id>`, fitted by `pipelines.train.fit` (a Ray Train
+TorchTrainer) with Tune's `TuneReportCallback`, so each epoch's metrics reach Tune. ASHA stops weak
+trials on `val_top1`; its time unit is the reported `epoch`, so a resumed trial is compared where it
+left off. Random search by default, Optuna's TPE as an option.
+
+Concurrency: Ray Train places a trial's workers outside the trial's own placement group, so Tune,
+which only sees the trial drivers, would start trials whose workers never fit and wait forever.
+`max_concurrent_trials` is derived instead from `ray.cluster_resources()`: a trial occupies its
+driver's CPUs plus `num_workers` times the resources per worker; for each resource, the cluster
+holds `floor(total / per trial)` trials; the smallest of these, at most `num_samples` (and the
+config's `max_concurrent_trials`), is used and the derivation printed.
+
+Resuming (`--resume`): `Tuner.restore` reloads the experiment from the checkpoint storage. Finished
+trials stay finished; unfinished and errored trials start again with their trial ids, so their Ray
+Train runs (same names, same storage) resume from their latest checkpoints and re-attach their
+MLflow runs. The sweep's MLflow run is its unfinished run of the same name.
+
+At the end the trial table (`trials.csv`) and a figure of the last validation top-1 against each
+searched parameter (`trials.png`) go to the sweep's MLflow run; the best trial that ran all its
+epochs is registered as a new version of `registry.model_name` with the alias @challenger and, with
+`registry.promote`, evaluated against @champion (`pipelines.promote`).
+
+    ray job submit -- python -m pipelines.tune --config configs/digits_sweep.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
+    from pipelines.run_storage import RunStorage
+    from pipelines.sweep_config import Sweep
+    from pipelines.tracking import RunTracker
+
+METRIC, MODE = "val_top1", "max"  # what the sweep optimises and ASHA compares
+REGISTERED_TAG = "vitae.registered_version"  # on the sweep's run: "<model>/<version>", registered once
+TABLE_METRICS = ("val_top1", "val_top5", "val_loss")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tune", help="hyperparameter sweep of training runs with Ray Tune (ASHA), best model registered",
+        description="Run a sweep: trials are Ray Train runs of the base training config with sampled values, "
+                    "stopped early by ASHA, tracked as MLflow runs nested under the sweep's run. The best "
+                    "trial is registered as @challenger (and promoted with registry.promote).",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="sweep config (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a sweep config value, e.g. --set search.num_samples=8 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep of this name: finished trials are kept")
+    parser.set_defaults(handler=tune_command)
+
+
+def tune_command(args: argparse.Namespace) -> int:
+    from pipelines.sweep_config import load_sweep
+
+    return launch(load_sweep(args.config, args.overrides), resume=args.resume)
+
+
+def launch(sweep: Sweep, resume: bool) -> int:
+    """Run (or resume) the sweep; 0 when every trial ended, 1 when it stopped unfinished."""
+    import ray
+
+    from pipelines.run_storage import RunStorage
+    from pipelines.train import check_dataset
+
+    check_dataset(sweep.base)
+    storage = RunStorage.open(sweep.base.checkpoint.storage_path)
+    check_experiment(sweep, storage, resume)
+    ray.init()
+    concurrency = derive_concurrency(ray.cluster_resources(), trial_resources(sweep), sweep.config.search.num_samples,
+                                     sweep.config.max_concurrent_trials)
+    print(describe(sweep), concurrency.explanation, sep="\n", flush=True)
+    tracker = attach_sweep_run(sweep, concurrency)
+    results = build_tuner(sweep, storage, tracker.run_id, concurrency, resume).fit()
+    if results.num_terminated + results.num_errors < sweep.config.search.num_samples:
+        print(f"sweep {sweep.name} stopped before all its trials ended: continue it with --resume", flush=True)
+        return 1
+    finish(sweep, tracker, trial_rows(sweep, results))
+    return 0
+
+
+def check_experiment(sweep: Sweep, storage: RunStorage, resume: bool) -> None:
+    """A new sweep must not exist yet; a resumed one must."""
+    from ray.tune import Tuner
+
+    from data_prep.errors import UserError
+
+    exists = Tuner.can_restore(experiment_path(sweep, storage), storage_filesystem=storage.filesystem)
+    if resume and not exists:
+        raise UserError(f"no sweep {sweep.name} to resume in {storage.url}")
+    if exists and not resume:
+        raise UserError(f"sweep {sweep.name} exists in {storage.url}: continue it with --resume or choose a new name")
+
+
+def experiment_path(sweep: Sweep, storage: RunStorage) -> str:
+    return f"{storage.path}/{sweep.name}"
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    trials: int
+    explanation: str
+
+
+def trial_resources(sweep: Sweep) -> dict[str, float]:
+    """What one running trial occupies: its driver's CPUs and its Ray Train workers."""
+    from pipelines.train import scaling_config
+
+    resources = {"CPU": sweep.config.trial.driver_cpus}
+    for name, amount in scaling_config(sweep.base).total_resources.items():
+        resources[name] = resources.get(name, 0.0) + amount
+    return resources
+
+
+def derive_concurrency(cluster: Mapping[str, float], per_trial: Mapping[str, float], num_samples: int,
+                       cap: int | None = None) -> Concurrency:
+    """How many trials can run at once with every trial's workers placed."""
+    from data_prep.errors import UserError
+
+    needed = {name: amount for name, amount in per_trial.items() if amount > 0}
+    fits = {name: math.floor(cluster.get(name, 0.0) / amount + 1e-9) for name, amount in needed.items()}
+    if any(count == 0 for count in fits.values()):
+        raise UserError(f"a trial needs {_resources(needed)} but the cluster has "
+                        f"{_resources({name: cluster.get(name, 0.0) for name in needed})}: use fewer or smaller "
+                        "workers per trial (trial.num_workers, trial.driver_cpus) or a larger cluster")
+    limits = {f"{name}: {_number(cluster[name])} // {_number(needed[name])}": count for name, count in fits.items()}
+    limits[f"num_samples {num_samples}"] = num_samples
+    if cap is not None:
+        limits[f"max_concurrent_trials {cap}"] = cap
+    trials = min(limits.values())
+    binding = [reason for reason, count in limits.items() if count == trials]
+    return Concurrency(trials, f"concurrency: a trial needs {_resources(needed) or 'nothing'} (driver and workers); "
+                               f"cluster {_resources({name: cluster.get(name, 0.0) for name in needed})} -> "
+                               f"{trials} trial(s) at a time ({'; '.join(binding)})")
+
+
+def describe(sweep: Sweep) -> str:
+    config = sweep.config
+    stopping = (f"ASHA on val_top1 (max_t {sweep.max_t} epochs, grace {config.asha.grace_period}, "
+                f"reduction {config.asha.reduction_factor:g})" if config.asha.enabled else "no early stopping")
+    return (f"sweep {sweep.name}: {config.search.num_samples} trials, {config.search.algorithm} search over "
+            f"{', '.join(config.search.space)}; {stopping}; {sweep.base.scaling.num_workers} workers per trial")
+
+
+def attach_sweep_run(sweep: Sweep, concurrency: Concurrency) -> RunTracker:
+    from pipelines.tracking import RunTracker
+
+    config = sweep.config
+    params = {
+        **{f"search.{path}": distribution.model_dump_json() for path, distribution in config.search.space.items()},
+        "search.algorithm": config.search.algorithm, "search.num_samples": config.search.num_samples,
+        "search.seed": config.search.seed, "asha.enabled": config.asha.enabled, "asha.max_t": sweep.max_t,
+        "asha.grace_period": config.asha.grace_period, "asha.reduction_factor": config.asha.reduction_factor,
+        "trial.num_workers": sweep.base.scaling.num_workers, "trial.resources": _resources(trial_resources(sweep)),
+        "max_concurrent_trials": concurrency.trials, "data.url": sweep.base.data.url,
+        "registry.model_name": config.registry.model_name,
+    }
+    tracker = RunTracker.attach_sweep(sweep.name, sweep.base.mlflow.experiment, sweep.base.mlflow.tracking_uri,
+                                      params, sweep.resolved_yaml())
+    print(f"MLflow sweep run: {tracker.run_url()}", flush=True)
+    return tracker
+
+
+def build_tuner(sweep: Sweep, storage: RunStorage, parent_run_id: str, concurrency: Concurrency, resume: bool):
+    from ray import tune
+
+    base = sweep.base.model_copy(update={"mlflow": sweep.base.mlflow.model_copy(update={"parent_run_id": parent_run_id})})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json")),
+                                    {"CPU": sweep.config.trial.driver_cpus})
+    if resume:
+        print(f"sweep {sweep.name}: resuming from {storage.url}", flush=True)
+        return tune.Tuner.restore(experiment_path(sweep, storage), trainable, resume_errored=True,
+                                  storage_filesystem=storage.filesystem)
+    return tune.Tuner(
+        trainable,
+        param_space={path: distribution.to_tune() for path, distribution in sweep.config.search.space.items()},
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=sweep.config.search.num_samples,
+                                    search_alg=searcher(sweep, concurrency.trials), scheduler=scheduler(sweep),
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=storage.path, storage_filesystem=storage.filesystem),
+    )
+
+
+def searcher(sweep: Sweep, max_concurrent: int):
+    """The search algorithm, holding at most `max_concurrent` trials running (Tune's own
+    `max_concurrent_trials` is ignored for a search generator such as random search)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    search = sweep.config.search
+    if search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=search.seed), max_concurrent=max_concurrent)  # TPE sampling
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=search.seed)
+
+
+def scheduler(sweep: Sweep):
+    if not sweep.config.asha.enabled:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = sweep.config.asha
+    return ASHAScheduler(time_attr="epoch", max_t=sweep.max_t, grace_period=asha.grace_period,
+                         reduction_factor=asha.reduction_factor)
+
+
+def trial_dirname(trial) -> str:
+    """A trial's folder is its id, so a result leads back to its training run."""
+    return trial.trial_id
+
+
+def run_trial(sampled: dict[str, Any], base: dict[str, Any]) -> None:
+    """One trial, on its Tune trial actor: trains (or resumes) run `<sweep>-<trial id>`.
+
+    Tune stops a trial as soon as it reports its last epoch (ASHA's max_t), which would end the
+    training run before it logs its model: the last epoch is reported here, once `fit` returned.
+    """
+    from ray import tune
+
+    from pipelines.run_storage import RunStorage
+    from pipelines.sweep_config import trial_config, trial_run_name
+    from pipelines.train import fit
+
+    config = trial_config(base, sampled, trial_run_name(base["name"], tune.get_context().get_trial_id()))
+    result = fit(config, RunStorage.open(config.checkpoint.storage_path),
+                 callbacks=[epochs_to_tune(config.schedule.epochs)])
+    tune.report(dict(result.metrics))
+
+
+def epochs_to_tune(epochs: int):
+    """Ray Train callback: every epoch's metrics but the last to Tune (`TuneReportCallback`)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochsBeforeTheLast(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics[0]["epoch"] < epochs:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochsBeforeTheLast()
+
+
+def trial_rows(sweep: Sweep, results) -> list[dict[str, Any]]:
+    """One row per trial: id, training run, sampled values, epochs run, last metrics, how it ended."""
+    from pipelines.sweep_config import trial_run_name
+
+    rows = []
+    for result in results:
+        trial_id = Path(result.path).name
+        metrics = result.metrics or {}
+        epochs = int(metrics.get("epoch", 0))
+        status = "error" if result.error else "completed" if epochs == sweep.max_t else "stopped early"
+        rows.append({"trial_id": trial_id, "run_name": trial_run_name(sweep.name, trial_id),
+                     **{path: result.config.get(path) for path in sweep.config.search.space},
+                     "epochs": epochs, **{key: metrics.get(key) for key in TABLE_METRICS}, "status": status})
+    return sorted(rows, key=lambda row: row["trial_id"])
+
+
+def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The completed trial with the highest last validation top-1 (stopped trials logged no model)."""
+    completed = [row for row in rows if row["status"] == "completed" and row["val_top1"] is not None]
+    return max(completed, key=lambda row: row["val_top1"], default=None)
+
+
+def finish(sweep: Sweep, tracker: RunTracker, rows: list[dict[str, Any]]) -> None:
+    """Table, figure and best trial to the sweep's run; registration and promotion of the best."""
+    import pandas
+
+    from pipelines import plots
+    from pipelines.sweep_config import LogUniform
+
+    best = best_trial(rows)
+    print(pandas.DataFrame(rows).to_string(index=False))
+    stopped = tracker.end_running_children()
+    if stopped:
+        print(f"MLflow runs of trials stopped early, marked KILLED: {', '.join(stopped)}")
+    space = sweep.config.search.space
+    tracker.log_table(rows, "trials.csv")
+    tracker.log_figure(plots.sweep_trials(rows, list(space), [p for p, d in space.items() if isinstance(d, LogUniform)],
+                                          best_trial=best and best["trial_id"]), "trials.png")
+    tracker.log_metrics({"trials": len(rows), "trial_epochs": sum(row["epochs"] for row in rows),
+                         **({f"best_{key}": best[key] for key in TABLE_METRICS} if best else {})})
+    if best is None:
+        print(f"sweep {sweep.name}: no trial completed all {sweep.max_t} epochs; nothing to register")
+    else:
+        print(f"best trial {best['trial_id']} (run {best['run_name']}): val_top1 {best['val_top1']:.2%}, "
+              + ", ".join(f"{path} {best[path]}" for path in space))
+        tracker.set_tags({"vitae.best_trial": best["trial_id"]})
+        register_best(sweep, tracker, best)
+    tracker.finish()
+
+
+def register_best(sweep: Sweep, tracker: RunTracker, best: dict[str, Any]) -> None:
+    """The best trial's model as a new @challenger version, once per sweep; then promotion if configured."""
+    from pipelines import registry
+    from pipelines.tracking import MODEL_URI_TAG
+
+    model_name = sweep.config.registry.model_name
+    if model_name is None:
+        return
+    registered = tracker.tags.get(REGISTERED_TAG)
+    if registered is None:
+        run = tracker.child_runs()[best["run_name"]]
+        model_uri = run.data.tags.get(MODEL_URI_TAG)
+        if model_uri is None:
+            print(f"the best trial's run {run.info.run_id} logged no model (mlflow.log_model): nothing to register")
+            return
+        version = registry.register_challenger(model_uri, model_name, registration_tags(sweep, tracker, best, run))
+        registered = f"{model_name}/{version}"
+        tracker.set_tags({REGISTERED_TAG: registered})
+    version = registered.rpartition("/")[2]
+    print(f"registered {registry.version_uri(model_name, version)} (@{registry.CHALLENGER})", flush=True)
+    if sweep.config.registry.promote:
+        promote(sweep, tracker, version)
+
+
+def registration_tags(sweep: Sweep, tracker: RunTracker, best: dict[str, Any], run) -> dict[str, Any]:
+    from data_prep.dataset import PreparedDataset
+    from pipelines import registry
+
+    config = sweep.trial_config(best["trial_id"], {path: best[path] for path in sweep.config.search.space})
+    return {
+        "trial_id": best["trial_id"], "sweep_run_id": tracker.run_id, "training_run_id": run.info.run_id,
+        registry.DATASET_URL_TAG: config.data.url,
+        "dataset_manifest_sha256": PreparedDataset.open(config.data.url).manifest_sha256(),
+        **{key: best[key] for key in TABLE_METRICS},
+        "architecture": config.model.name, "img_size": config.model.img_size,
+        "depth": _or_default(config.model.depth), "mlp_ratio": _or_default(config.model.mlp_ratio),
+        "lr": config.optim.lr, "peak_lr": config.peak_lr,
+        **{f"search.{path}": best[path] for path in sweep.config.search.space},
+    }
+
+
+def promote(sweep: Sweep, tracker: RunTracker, version: str) -> None:
+    from pipelines.promote import promote_registered  # the evaluation stack: only when promoting
+
+    settings = sweep.config.registry
+    outcome = promote_registered(settings.model_name, sweep.base.data.url, split=settings.split, version=version,
+                                 margin=settings.margin, metric=settings.metric, lock_url=settings.lock_url)
+    tracker.set_tags({"vitae.promoted": outcome.promoted, "vitae.promotion_reason": outcome.reason})
+    print(f"promotion: {outcome.reason}", flush=True)
+
+
+def _or_default(value: Any) -> str:
+    return "model default" if value is None else str(value)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _resources(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {_number(amount)}" for name, amount in sorted(resources.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import main as vitae_main
+
+    return vitae_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

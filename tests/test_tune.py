@@ -1,0 +1,366 @@
+"""The sweep (`vitae tune`) on the real stack (moto S3 server, `mlflow server`, the session's Ray head).
+
+Config validation and the concurrency derivation are unit tests. Everything else is one scenario,
+because every trial is a Ray Train run (~20 s of start-up here): a sweep of three trials of a
+one-cell model on digits at 16 px, one trial at a time, is submitted with `ray job submit`, stopped
+once a trial has finished and the next one has a checkpoint, and submitted again with `--resume`,
+which completes it, registers the best trial and promotes it. With seed 1, random search samples
+the learning rates 8e-3, 8e-3, 1e-6 (Ray 2.60): the first two train identically, and ASHA (one
+rung, at epoch 1) has a hopeless third trial to stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+from data_prep import object_store
+from data_prep.errors import UserError
+from pipelines import registry
+from pipelines.run_storage import RunStorage
+from pipelines.sweep_config import load_sweep, trial_run_name
+from pipelines.tracking import PARENT_RUN_TAG, RUN_NAME_TAG, SWEEP_NAME_TAG
+from pipelines.tune import derive_concurrency, trial_resources
+from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.train_helpers import prepare_dataset, tiny_config
+
+pytestmark = pytest.mark.timeout(600)
+
+SAMPLES, EPOCHS = 3, 3
+LEARNING_RATES = [1.6e-2, 8e-3, 1e-6]
+SEED = 1
+
+
+def sweep_dict(name: str, data_url: str, storage_url: str, **sections) -> dict:
+    """A sweep of the tiny training run over the learning rate; `sections` update the defaults."""
+    sweep = {
+        "name": name,
+        "base": tiny_config("ignored", data_url, storage_url, mlflow={"experiment": "vitae-tune-tests"}),
+        "overrides": {"schedule.epochs": EPOCHS},
+        "search": {"num_samples": SAMPLES, "seed": SEED,
+                   "space": {"optim.lr": {"kind": "choice", "values": LEARNING_RATES}}},
+        "asha": {"grace_period": 1, "reduction_factor": 3},  # one rung, at epoch 1: the top third goes on
+        "trial": {"num_workers": 1, "driver_cpus": 1},
+    }
+    for section, values in sections.items():
+        sweep[section] = {**sweep.get(section, {}), **values} if isinstance(values, dict) else values
+    return sweep
+
+
+def write_sweep(path: Path, sweep: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+# --- the config and the concurrency: no cluster ---------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("search.space.model.mlpratio={kind: choice, values: [2]}",
+     "search.space.model.mlpratio: not a training-config field (model has: name, img_size, depth, mlp_ratio"),
+    ("search.space.optim.lr={kind: normal, low: 1, high: 2}",
+     "invalid sweep config: search.space.optim.lr: Input tag 'normal' found using 'kind' does not match"),
+    ("search.space.optim.lr={kind: loguniform, low: 0, high: 1}", "search.space.optim.lr.loguniform.low: Input should be greater than 0"),
+    ("search.space.optim.lr={kind: uniform, low: 0.1, high: 0.01}", "expected low < high"),
+    ("search.space.model.depth={kind: randint, low: 0, high: 3}",
+     "search.space.model.depth: 0 does not make a valid training config: model.depth: Input should be greater than or equal to 1"),
+    ("search.space.model={kind: choice, values: [1]}", "search.space.model: a section, not a field"),
+    ("search.space.scaling.num_workers={kind: choice, values: [1, 2]}",
+     "search.space.scaling.num_workers: not searchable: per-trial resources are set in trial"),
+    ("search.space.schedule.epochs={kind: choice, values: [1, 2]}", "not searchable: it is ASHA's max_t"),
+    ("asha.grace_period=4", "asha.grace_period: 4 is more than the trials' schedule.epochs (3)"),
+    ("overrides.model.depht=2", "base (inline, with overrides): invalid config: model.depht: unknown key"),
+    ("serach.num_samples=2", "invalid sweep config: serach: unknown key"),
+    ("registry.promote=true", "promote needs registry.model_name"),
+])
+def test_a_bad_sweep_config_is_one_error_naming_the_field(tmp_path, override, message):
+    path = write_sweep(tmp_path / "sweep.yaml", sweep_dict("bad", "s3://data/digits", "s3://ckpt/runs"))
+    with pytest.raises(UserError) as error:
+        load_sweep(path, [override])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_sweep_config_resolves_its_base_and_space(tmp_path):
+    write_sweep(tmp_path / "base.yaml", tiny_config("base-run", "s3://data/digits", "s3://ckpt/runs"))
+    raw = {**sweep_dict("resolved", "", ""), "base": "base.yaml",
+           "overrides": {"schedule": {"epochs": 5}, "model.depth": 2}, "trial": {"num_workers": 3, "gpus_per_worker": 0.5}}
+    sweep = load_sweep(write_sweep(tmp_path / "sweep.yaml", raw),
+                       ["search.space.model.mlp_ratio={kind: uniform, low: 1.0, high: 3.0}"])
+    assert (sweep.base.name, sweep.max_t, sweep.base.model.depth) == ("resolved", 5, 2)
+    assert sweep.base.scaling.num_workers == 3 and sweep.base.scaling.use_gpu
+    assert sweep.base.scaling.resources_per_worker == {"CPU": 1, "GPU": 0.5}
+    assert list(sweep.config.search.space) == ["optim.lr", "model.mlp_ratio"]
+    trial = sweep.trial_config("abc12_00003", {"optim.lr": 8e-3, "model.mlp_ratio": 2.5})
+    assert (trial.name, trial.optim.lr, trial.model.mlp_ratio) == ("resolved-abc12_00003", 8e-3, 2.5)
+    assert trial_resources(sweep) == {"CPU": 1 + 3 * 1, "GPU": 3 * 0.5}  # the driver and three workers
+
+
+@pytest.mark.parametrize("cluster, per_trial, samples, cap, trials, binding", [
+    ({"CPU": 8.0, "memory": 1e10}, {"CPU": 3.0}, 4, None, 2, "CPU: 8 // 3"),  # 2 workers + the trial driver
+    ({"CPU": 8.0}, {"CPU": 2.5}, 8, None, 3, "CPU: 8 // 2.5"),  # a fractional driver
+    ({"CPU": 64.0, "GPU": 8.0}, {"CPU": 5.0, "GPU": 4.0}, 10, None, 2, "GPU: 8 // 4"),
+    ({"CPU": 64.0}, {"CPU": 3.0}, 4, None, 4, "num_samples 4"),
+    ({"CPU": 64.0}, {"CPU": 3.0}, 40, 5, 5, "max_concurrent_trials 5"),
+])
+def test_concurrency_leaves_room_for_every_trials_workers(cluster, per_trial, samples, cap, trials, binding):
+    concurrency = derive_concurrency(cluster, per_trial, samples, cap)
+    assert concurrency.trials == trials
+    assert binding in concurrency.explanation and f"{trials} trial(s) at a time" in concurrency.explanation
+
+
+@pytest.mark.parametrize("cluster, per_trial, message", [
+    ({"CPU": 2.0}, {"CPU": 3.0}, "a trial needs CPU 3 but the cluster has CPU 2"),
+    ({"CPU": 8.0}, {"CPU": 1.0, "GPU": 1.0}, "a trial needs CPU 1, GPU 1 but the cluster has CPU 8, GPU 0"),
+])
+def test_a_trial_larger_than_the_cluster_is_refused(cluster, per_trial, message):
+    with pytest.raises(UserError, match=message):
+        derive_concurrency(cluster, per_trial, 4)
+
+
+# --- the scenario: interrupted, resumed, registered, promoted ------------------------------------
+
+@dataclass
+class AtStop:
+    """What the first job had done when it was stopped."""
+
+    finished: dict[str, dict]  # trial id -> its last result (Tune's stored state)
+    checkpointed: dict[str, int]  # run name -> epochs in its checkpoint, for trials not finished
+    finished_runs: dict[str, tuple[str, int, list]]  # run name -> (status, end time, epoch history) in MLflow
+
+
+@dataclass
+class Scenario:
+    sweep_path: Path
+    model_name: str
+    data_url: str
+    first_status: str
+    first_logs: str
+    at_stop: AtStop
+    second: subprocess.CompletedProcess
+
+    @property
+    def sweep(self):
+        return load_sweep(self.sweep_path)
+
+    @property
+    def parent(self):
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name(self.sweep.base.mlflow.experiment).experiment_id
+        runs = client.search_runs([experiment], filter_string=f"tags.`{SWEEP_NAME_TAG}` = '{self.sweep.name}'")
+        assert len(runs) == 1, [run.info.run_id for run in runs]
+        return runs[0]
+
+    @property
+    def children(self) -> dict:
+        client = MlflowClient()
+        runs = client.search_runs([self.parent.info.experiment_id],
+                                  filter_string=f"tags.`{PARENT_RUN_TAG}` = '{self.parent.info.run_id}'")
+        names = [run.data.tags[RUN_NAME_TAG] for run in runs]
+        assert len(names) == len(set(names)), names  # one MLflow run per trial
+        return dict(zip(names, runs))
+
+    @property
+    def table(self) -> list[dict]:
+        path = MlflowClient().download_artifacts(self.parent.info.run_id, "trials.csv", str(self.sweep_path.parent))
+        import pandas
+
+        return pandas.read_csv(path).to_dict("records")
+
+
+def epoch_history(run_id: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, "val_top1"))
+
+
+def ray_job(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", *args],
+                          capture_output=True, text=True, timeout=480)
+    if check:
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    return done
+
+
+def tune_entrypoint(sweep_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.tune", "--config", str(sweep_path), *args]
+
+
+def trial_statuses(storage: RunStorage, sweep_name: str) -> dict[str, tuple[str, dict]]:
+    """Trial id -> (status, last result), as the experiment state in storage has them."""
+    import logging
+
+    from ray.tune import ExperimentAnalysis
+
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # results not synced yet
+    try:
+        trials = ExperimentAnalysis(f"{storage.path}/{sweep_name}", storage_filesystem=storage.filesystem).trials
+    except Exception:  # no experiment state stored yet
+        return {}
+    return {trial.trial_id: (trial.status, trial.last_result) for trial in trials}
+
+
+def checkpointed_runs(storage_url: str, sweep_name: str) -> dict[str, int]:
+    """Training run name -> epochs in its latest checkpoint, for the sweep's runs that have one."""
+    location = object_store.parse_s3_url(storage_url)
+    store = object_store.shared_store(location.bucket)
+    listing = store.client.list_objects_v2(Bucket=location.bucket, Prefix=f"{location.key}/{sweep_name}-", Delimiter="/")
+    names = [prefix["Prefix"].rstrip("/").rsplit("/", 1)[1] for prefix in listing.get("CommonPrefixes", [])]
+    storage = RunStorage.open(storage_url)
+    return {name: storage.previous_result(name).metrics["epoch"] for name in names
+            if store.head(f"{location.key}/{name}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")}
+
+
+def stop_when_a_trial_finished_and_another_checkpointed(submission_id: str, sweep_name: str, storage_url: str,
+                                                       timeout_s: float = 300) -> tuple[str, AtStop]:
+    from ray.job_submission import JobSubmissionClient
+
+    storage = RunStorage.open(storage_url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert time.monotonic() < deadline, "no finished and checkpointed trials within the time limit"
+        time.sleep(1.0)
+        checkpointed = {name: epoch for name, epoch in checkpointed_runs(storage_url, sweep_name).items()
+                        if epoch < EPOCHS}
+        if not checkpointed:
+            continue
+        finished = {trial_id: result for trial_id, (status, result) in trial_statuses(storage, sweep_name).items()
+                    if status == "TERMINATED"}
+        finished_names = {trial_run_name(sweep_name, trial_id) for trial_id in finished}
+        checkpointed = {name: epoch for name, epoch in checkpointed.items() if name not in finished_names}
+        if finished and checkpointed:
+            break
+    client = JobSubmissionClient()
+    client.stop_job(submission_id)
+    while not (status := client.get_job_status(submission_id)).is_terminal():
+        time.sleep(0.2)
+    runs = {run.data.tags[RUN_NAME_TAG]: run for run in MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("vitae-tune-tests").experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` LIKE '{sweep_name}-%'")}
+    finished_runs = {name: (runs[name].info.status, runs[name].info.end_time, epoch_history(runs[name].info.run_id))
+                     for name in finished_names}
+    return str(status), AtStop(finished, checkpointed, finished_runs)
+
+
+@pytest.fixture(scope="module")
+def scenario(ray_cluster, tmp_path_factory) -> Scenario:
+    object_store._CLIENTS.clear()  # clients of this session's S3 server only
+    data_bucket, checkpoint_bucket = f"tune-data-{uuid.uuid4().hex[:8]}", f"tune-ckpt-{uuid.uuid4().hex[:8]}"
+    for bucket in (data_bucket, checkpoint_bucket):
+        object_store.make_client().create_bucket(Bucket=bucket)
+    data_url = prepare_dataset("digits", f"s3://{data_bucket}/digits16", shard_max_samples=170, digits_size=16)
+    storage_url, model_name, name = f"s3://{checkpoint_bucket}/sweeps", f"tune-test-{uuid.uuid4().hex[:6]}", "lr-sweep"
+    sweep_path = write_sweep(tmp_path_factory.mktemp("tune") / "sweep.yaml", sweep_dict(
+        name, data_url, storage_url, max_concurrent_trials=1,  # a trial runs while the one before has finished
+        registry={"model_name": model_name, "promote": True, "lock_url": f"s3://{checkpoint_bucket}"}))
+
+    submission_id = f"tune-{uuid.uuid4().hex[:8]}"
+    ray_job("submit", "--no-wait", "--submission-id", submission_id, "--", *tune_entrypoint(sweep_path))
+    first_status, at_stop = stop_when_a_trial_finished_and_another_checkpointed(submission_id, name, storage_url)
+    first_logs = ray_job("logs", submission_id).stdout
+    second = ray_job("submit", "--", *tune_entrypoint(sweep_path, "--resume"), check=False)
+    return Scenario(sweep_path, model_name, data_url, first_status, first_logs, at_stop, second)
+
+
+def test_an_interrupted_sweep_resumes_keeping_its_finished_trials(scenario):
+    assert "STOPPED" in scenario.first_status, scenario.first_status
+    output = scenario.second.stdout + scenario.second.stderr
+    assert scenario.second.returncode == 0, output[-6000:]
+    assert "resuming from s3://" in output and "Trial status:" in output  # Ray's trial table
+    assert "a trial needs CPU 2 (driver and workers); cluster CPU 8 -> 1 trial(s) at a time" in output
+    table = {row["trial_id"]: row for row in scenario.table}
+    assert len(table) == SAMPLES
+    for trial_id, result in scenario.at_stop.finished.items():
+        assert (table[trial_id]["epochs"], table[trial_id]["val_top1"]) == (result["epoch"], result["val_top1"])
+    children = scenario.children
+    for name, (status, end_time, history) in scenario.at_stop.finished_runs.items():  # not trained again
+        assert epoch_history(children[name].info.run_id) == history
+        if status == "FINISHED":  # (a trial stopped early is only marked KILLED when the sweep ends)
+            assert children[name].info.end_time == end_time
+
+
+def test_unfinished_trials_resume_from_their_checkpoints(scenario):
+    children = scenario.children
+    for name, checkpointed_epochs in scenario.at_stop.checkpointed.items():
+        epochs = [step for step, _ in epoch_history(children[name].info.run_id)]
+        # the epochs in the checkpoint were logged once: the training run went on from there
+        assert all(epochs.count(epoch) == 1 for epoch in range(1, checkpointed_epochs + 1)), (name, epochs)
+        assert max(epochs) > checkpointed_epochs
+
+
+def test_asha_stops_the_hopeless_trial_early(scenario):
+    rows = scenario.table
+    assert sorted(row["optim.lr"] for row in rows) == sorted([8e-3, 8e-3, 1e-6])  # seeded random search
+    hopeless = next(row for row in rows if row["optim.lr"] == 1e-6)
+    assert hopeless["status"] == "stopped early" and hopeless["epochs"] < EPOCHS
+    assert all(row["epochs"] == EPOCHS and row["status"] == "completed" for row in rows if row is not hopeless)
+    assert scenario.children[hopeless["run_name"]].info.status == "KILLED"
+    assert MlflowClient().get_run(scenario.parent.info.run_id).data.metrics["trial_epochs"] < SAMPLES * EPOCHS
+
+
+def test_trials_are_mlflow_runs_nested_under_the_sweeps_run(scenario, tmp_path):
+    parent, children = scenario.parent, scenario.children
+    assert parent.info.status == "FINISHED"
+    assert sorted(children) == sorted(row["run_name"] for row in scenario.table)
+    assert all(run.data.params["mlflow.parent_run_id"] == parent.info.run_id for run in children.values())
+    assert json.loads(parent.data.params["search.optim.lr"]) == {"kind": "choice", "values": LEARNING_RATES}
+    assert parent.data.params["max_concurrent_trials"] == "1"
+    artifacts = {artifact.path for artifact in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "trials.csv", "trials.png"} <= artifacts
+    png = Path(MlflowClient().download_artifacts(parent.info.run_id, "trials.png", str(tmp_path))).read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_the_best_trial_is_registered_as_challenger_with_its_lineage(scenario):
+    best = max((row for row in scenario.table if row["status"] == "completed"), key=lambda row: row["val_top1"])
+    version = registry.alias_version(scenario.model_name, registry.CHALLENGER)
+    details = MlflowClient().get_model_version(scenario.model_name, version)
+    tags, run = details.tags, scenario.children[best["run_name"]]
+    assert details.run_id == tags["training_run_id"] == run.info.run_id
+    location = object_store.parse_s3_url(scenario.data_url)
+    manifest = object_store.shared_store(location.bucket).get_bytes(f"{location.key}/manifest.parquet")
+    assert tags["dataset_manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert (tags["trial_id"], tags["sweep_run_id"], tags["dataset_url"]) == (
+        best["trial_id"], scenario.parent.info.run_id, scenario.data_url)
+    assert float(tags["val_top1"]) == pytest.approx(best["val_top1"]) and {"val_top5", "val_loss"} <= set(tags)
+    assert (tags["architecture"], tags["depth"], tags["mlp_ratio"], float(tags["lr"])) == (
+        "vitae_t", "1", "model default", best["optim.lr"])
+    assert f"best trial {best['trial_id']}" in scenario.second.stdout
+
+
+def test_promotion_runs_at_the_end_when_configured(scenario):
+    challenger = registry.alias_version(scenario.model_name, registry.CHALLENGER)
+    assert registry.alias_version(scenario.model_name, registry.CHAMPION) == challenger  # there was no champion
+    assert "promotion: no champion yet" in scenario.second.stdout
+    assert scenario.parent.data.tags["vitae.promoted"] == "True"
+
+
+def test_no_secret_reaches_mlflow_or_the_logs(scenario, tmp_path):
+    parent = scenario.parent
+    config_text = Path(MlflowClient().download_artifacts(parent.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    texts = [config_text, json.dumps(parent.data.params), json.dumps(parent.data.tags), scenario.first_logs,
+             scenario.second.stdout, scenario.second.stderr]
+    for secret in (TEST_ACCESS_KEY, TEST_SECRET_KEY, os.environ["RAY_AUTH_TOKEN"]):
+        assert not any(secret in text for text in texts)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "sweep lr-sweep exists in s3://"),
+    (("--resume", "--set", "name=never-ran"), "no sweep never-ran to resume in s3://"),
+    (("--set", "search.space.optim.lrr={kind: choice, values: [0.1]}"), "search.space.optim.lrr: not a training-config field"),
+])
+def test_the_driver_refuses_before_using_the_cluster(scenario, args, message):
+    done = subprocess.run(tune_entrypoint(scenario.sweep_path, *args), capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vitae: error: ") and message in lines[0], lines
