@@ -33,9 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_prep.errors import UserError
-from pipelines.train_config import (
-    RUN_NAME, TrainConfig, apply_override, first_problem, parse_config, read_yaml, set_value,
-)
+from pipelines.train_config import TrainConfig, apply_override, first_problem, parse_config, read_yaml, set_value
 
 SWEEP_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # leaves room for "-<trial id>" within RUN_NAME
 # Training-config fields the sweep itself sets, so they are not searchable.

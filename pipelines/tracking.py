@@ -8,8 +8,8 @@ flat params (plus derived values such as the scaled learning rate) and `config.y
 logs its metrics (step = epoch) and redraws `learning_curves.png` and `confusion_matrix.png`; the
 end logs the packaged model (see `model_packaging`) once and tags the run with its URI.
 
-A sweep's run is found again by the tag `vitae.sweep_name` while it is unfinished (an interrupted
-sweep). A trial's training run names it as parent (MLflow's `mlflow.parentRunId` tag, which nests
+A resumed sweep finds its run again by the tag `vitae.sweep_name` (the latest run of that name).
+A trial's training run names it as parent (MLflow's `mlflow.parentRunId` tag, which nests
 it in the UI) when it is created; the sweep's run ends with the trial table and figure.
 
 Nothing secret is logged: the config holds no credentials (they come from the environment; the
@@ -54,10 +54,10 @@ class RunTracker:
 
     @classmethod
     def attach_sweep(cls, sweep_name: str, experiment: str, tracking_uri: str | None, params: Mapping[str, Any],
-                     config_yaml: str) -> RunTracker:
-        """The MLflow run of sweep `sweep_name`: its unfinished run (the sweep resumes), else new."""
+                     config_yaml: str, resume: bool) -> RunTracker:
+        """The MLflow run of sweep `sweep_name`: new, or when it resumes, its latest run (if any)."""
         client, experiment_id = _connect(experiment, tracking_uri)
-        run_id = _unfinished_sweep_run(client, experiment_id, sweep_name)
+        run_id = _latest_sweep_run(client, experiment_id, sweep_name) if resume else None
         return cls._open(client, experiment_id, run_id, sweep_name, {SWEEP_NAME_TAG: sweep_name}, params, config_yaml)
 
     @classmethod
@@ -107,6 +107,10 @@ class RunTracker:
     @property
     def tags(self) -> dict[str, str]:
         return self.client.get_run(self.run_id).data.tags
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self.client.get_run(self.run_id).data.params
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
         from mlflow.entities import RunTag
@@ -186,8 +190,7 @@ def _unstarted_run(client, experiment_id: str, run_name: str) -> str | None:
     return next((run.info.run_id for run in runs if "epoch" not in run.data.metrics), None)
 
 
-def _unfinished_sweep_run(client, experiment_id: str, sweep_name: str) -> str | None:
-    """The run of an interrupted sweep `sweep_name` (a finished sweep's run is never reopened)."""
+def _latest_sweep_run(client, experiment_id: str, sweep_name: str) -> str | None:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_NAME_TAG}` = '{sweep_name}'",
-                              order_by=["attributes.start_time DESC"])
-    return next((run.info.run_id for run in runs if run.info.status != "FINISHED"), None)
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None

@@ -68,7 +68,7 @@ def tune_command(args: argparse.Namespace) -> int:
 
 
 def launch(sweep: Sweep, resume: bool) -> int:
-    """Run (or resume) the sweep; 0 when every trial ended, 1 when it stopped unfinished."""
+    """Run (or resume) the sweep; 1 when it stopped unfinished or no trial completed, else 0."""
     import ray
 
     from pipelines.run_storage import RunStorage
@@ -81,13 +81,12 @@ def launch(sweep: Sweep, resume: bool) -> int:
     concurrency = derive_concurrency(ray.cluster_resources(), trial_resources(sweep), sweep.config.search.num_samples,
                                      sweep.config.max_concurrent_trials)
     print(describe(sweep), concurrency.explanation, sep="\n", flush=True)
-    tracker = attach_sweep_run(sweep, concurrency)
+    tracker = attach_sweep_run(sweep, concurrency, resume)
     results = build_tuner(sweep, storage, tracker.run_id, concurrency, resume).fit()
     if results.num_terminated + results.num_errors < sweep.config.search.num_samples:
         print(f"sweep {sweep.name} stopped before all its trials ended: continue it with --resume", flush=True)
         return 1
-    finish(sweep, tracker, trial_rows(sweep, results))
-    return 0
+    return 0 if finish(sweep, tracker, trial_rows(sweep, results)) else 1
 
 
 def check_experiment(sweep: Sweep, storage: RunStorage, resume: bool) -> None:
@@ -153,7 +152,8 @@ def describe(sweep: Sweep) -> str:
             f"{', '.join(config.search.space)}; {stopping}; {sweep.base.scaling.num_workers} workers per trial")
 
 
-def attach_sweep_run(sweep: Sweep, concurrency: Concurrency) -> RunTracker:
+def attach_sweep_run(sweep: Sweep, concurrency: Concurrency, resume: bool) -> RunTracker:
+    """The sweep's MLflow run (a resumed sweep's own), with the search space and settings as params."""
     from pipelines.tracking import RunTracker
 
     config = sweep.config
@@ -167,15 +167,20 @@ def attach_sweep_run(sweep: Sweep, concurrency: Concurrency) -> RunTracker:
         "registry.model_name": config.registry.model_name,
     }
     tracker = RunTracker.attach_sweep(sweep.name, sweep.base.mlflow.experiment, sweep.base.mlflow.tracking_uri,
-                                      params, sweep.resolved_yaml())
+                                      params, sweep.resolved_yaml(), resume)
     print(f"MLflow sweep run: {tracker.run_url()}", flush=True)
+    started_with = int(tracker.params.get("max_concurrent_trials", concurrency.trials))
+    if started_with > concurrency.trials:  # Tune restores the search algorithm with its limit
+        print(f"warning: the sweep resumes with its limit of {started_with} trials at a time, but the cluster "
+              f"now holds {concurrency.trials}: trials may wait for workers", flush=True)
     return tracker
 
 
 def build_tuner(sweep: Sweep, storage: RunStorage, parent_run_id: str, concurrency: Concurrency, resume: bool):
     from ray import tune
 
-    base = sweep.base.model_copy(update={"mlflow": sweep.base.mlflow.model_copy(update={"parent_run_id": parent_run_id})})
+    nested = sweep.base.mlflow.model_copy(update={"parent_run_id": parent_run_id})
+    base = sweep.base.model_copy(update={"mlflow": nested})
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json")),
                                     {"CPU": sweep.config.trial.driver_cpus})
     if resume:
@@ -235,7 +240,8 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any]) -> None:
     config = trial_config(base, sampled, trial_run_name(base["name"], tune.get_context().get_trial_id()))
     result = fit(config, RunStorage.open(config.checkpoint.storage_path),
                  callbacks=[epochs_to_tune(config.schedule.epochs)])
-    tune.report(dict(result.metrics))
+    if result.metrics:  # (none when the run had ended before an interruption: Tune has its last epoch)
+        tune.report(dict(result.metrics))
 
 
 def epochs_to_tune(epochs: int):
@@ -272,15 +278,28 @@ def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(completed, key=lambda row: row["val_top1"], default=None)
 
 
-def finish(sweep: Sweep, tracker: RunTracker, rows: list[dict[str, Any]]) -> None:
-    """Table, figure and best trial to the sweep's run; registration and promotion of the best."""
+def finish(sweep: Sweep, tracker: RunTracker, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trials to the sweep's run; the best registered (and promoted) and returned."""
     import pandas
-
-    from pipelines import plots
-    from pipelines.sweep_config import LogUniform
 
     best = best_trial(rows)
     print(pandas.DataFrame(rows).to_string(index=False))
+    log_trials(sweep, tracker, rows, best)
+    if best is None:
+        print(f"sweep {sweep.name}: no trial completed all {sweep.max_t} epochs; nothing to register")
+    else:
+        print(f"best trial {best['trial_id']} (run {best['run_name']}): val_top1 {best['val_top1']:.2%}, "
+              + ", ".join(f"{path} {best[path]}" for path in sweep.config.search.space))
+        register_best(sweep, tracker, best)
+    tracker.finish()
+    return best
+
+
+def log_trials(sweep: Sweep, tracker: RunTracker, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    """Table, figure, counts and best trial to the sweep's run; the runs of trials stopped early end KILLED."""
+    from pipelines import plots
+    from pipelines.sweep_config import LogUniform
+
     stopped = tracker.end_running_children()
     if stopped:
         print(f"MLflow runs of trials stopped early, marked KILLED: {', '.join(stopped)}")
@@ -290,14 +309,8 @@ def finish(sweep: Sweep, tracker: RunTracker, rows: list[dict[str, Any]]) -> Non
                                           best_trial=best and best["trial_id"]), "trials.png")
     tracker.log_metrics({"trials": len(rows), "trial_epochs": sum(row["epochs"] for row in rows),
                          **({f"best_{key}": best[key] for key in TABLE_METRICS} if best else {})})
-    if best is None:
-        print(f"sweep {sweep.name}: no trial completed all {sweep.max_t} epochs; nothing to register")
-    else:
-        print(f"best trial {best['trial_id']} (run {best['run_name']}): val_top1 {best['val_top1']:.2%}, "
-              + ", ".join(f"{path} {best[path]}" for path in space))
+    if best:
         tracker.set_tags({"vitae.best_trial": best["trial_id"]})
-        register_best(sweep, tracker, best)
-    tracker.finish()
 
 
 def register_best(sweep: Sweep, tracker: RunTracker, best: dict[str, Any]) -> None:
