@@ -3,9 +3,10 @@ sweep of training runs with Ray Tune, tracked in MLflow, its best trial register
 
 A trial is `run_trial` on a Tune trial actor: the sweep's base training config with the trial's
 sampled values, as run `<sweep>-<trial id>`, fitted by `pipelines.train.fit` (a Ray Train
-TorchTrainer) with Tune's `TuneReportCallback`, so each epoch's metrics reach Tune. ASHA stops weak
-trials on `val_top1`; its time unit is the reported `epoch`, so a resumed trial is compared where it
-left off. Random search by default, Optuna's TPE as an option.
+TorchTrainer) with Tune's `TuneReportCallback`, so each epoch's metrics reach Tune (the last epoch's
+once the run has logged its model, see `run_trial`). ASHA stops weak trials on `val_top1`; its time
+unit is the reported `epoch`, so a resumed trial is compared where it left off. Random search by
+default, Optuna's TPE as an option.
 
 Concurrency: Ray Train places a trial's workers outside the trial's own placement group, so Tune,
 which only sees the trial drivers, would start trials whose workers never fit and wait forever.
@@ -14,10 +15,12 @@ driver's CPUs plus `num_workers` times the resources per worker; for each resour
 holds `floor(total / per trial)` trials; the smallest of these, at most `num_samples` (and the
 config's `max_concurrent_trials`), is used and the derivation printed.
 
-Resuming (`--resume`): `Tuner.restore` reloads the experiment from the checkpoint storage. Finished
-trials stay finished; unfinished and errored trials start again with their trial ids, so their Ray
-Train runs (same names, same storage) resume from their latest checkpoints and re-attach their
-MLflow runs. The sweep's MLflow run is its unfinished run of the same name.
+Resuming (`--resume`): `Tuner.restore` reloads the experiment (trials, searcher, ASHA's rungs) from
+the checkpoint storage. Finished trials stay finished; unfinished and errored trials start again
+with their trial ids, so their Ray Train runs (same names, same storage) resume from their latest
+checkpoints and re-attach their MLflow runs. The sweep's MLflow run is the latest of its name. The
+concurrency limit is the one the sweep started with (Tune restores its search algorithm). A new sweep
+whose name exists in the storage is refused, and so is resuming one that does not exist.
 
 At the end the trial table (`trials.csv`) and a figure of the last validation top-1 against each
 searched parameter (`trials.png`) go to the sweep's MLflow run; the best trial that ran all its
