@@ -167,10 +167,10 @@ def log_run(model_name: str, run_name: str, params: Mapping[str, object],
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from pipelines.tracking import _experiment_id, _terminate  # MLflow's run URL line unprinted
+    from pipelines.tracking import ensure_experiment, terminate_run  # MLflow's run URL line unprinted
 
     client = MlflowClient()
-    experiment_id = _experiment_id(client, f"{EXPERIMENT_PREFIX}{model_name}")
+    experiment_id = ensure_experiment(client, f"{EXPERIMENT_PREFIX}{model_name}")
     run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
     now = int(time.time() * 1000)
     metrics = [Metric(f"{role}_{key}", float(value), now, 0) for role, values in scores.items()
@@ -178,7 +178,7 @@ def log_run(model_name: str, run_name: str, params: Mapping[str, object],
     client.log_batch(run_id, metrics=metrics, params=[Param(key, str(value)) for key, value in params.items()])
     if outcome:
         client.log_dict(run_id, dict(outcome), "promotion.json")
-    _terminate(client, run_id, "FINISHED")
+    terminate_run(client, run_id, "FINISHED")
     return run_id
 
 

@@ -102,7 +102,7 @@ class RunTracker:
         return uri
 
     def finish(self, status: str = "FINISHED") -> None:
-        _terminate(self.client, self.run_id, status)
+        terminate_run(self.client, self.run_id, status)
 
     @property
     def tags(self) -> dict[str, str]:
@@ -134,7 +134,7 @@ class RunTracker:
         was ended from outside (stopped early by the scheduler). Returns their names."""
         running = {name: run for name, run in self.child_runs().items() if run.info.status == "RUNNING"}
         for run in running.values():
-            _terminate(self.client, run.info.run_id, "KILLED")
+            terminate_run(self.client, run.info.run_id, "KILLED")
         return sorted(running)
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
@@ -154,7 +154,7 @@ class RunTracker:
         return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
 
-def _terminate(client, run_id: str, status: str) -> None:
+def terminate_run(client, run_id: str, status: str) -> None:
     """End a run without MLflow's "View run" line: it is built from the tracking URI, credentials included."""
     with contextlib.redirect_stdout(io.StringIO()):
         client.set_terminated(run_id, status)
@@ -168,10 +168,11 @@ def _connect(experiment: str, tracking_uri: str | None):
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
-    return client, _experiment_id(client, experiment)
+    return client, ensure_experiment(client, experiment)
 
 
-def _experiment_id(client, name: str) -> str:
+def ensure_experiment(client, name: str) -> str:
+    """The id of the experiment `name`, created if missing (also when another process races us)."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
