@@ -2,7 +2,7 @@
 with attention through `scaled_dot_product_attention` against the explicit softmax(QK^T)V path of
 the same model, in the same run.
 
-    python benchmarks/model_speed.py --model vitae_t --img-size 224 --batch-size 16
+    python -m benchmarks.model_speed --model vitae_t --img-size 224 --batch-size 16
 
 Each measurement runs in a fresh subprocess so that its peak memory is its own: on CUDA the
 allocator's peak, on CPU the process's peak resident set size. The two paths alternate for
@@ -19,17 +19,28 @@ import time
 
 import torch
 
+from benchmarks.report import best_of_rounds, print_table
+
+NUM_CLASSES = 1000
+
 
 def measure(model_name: str, img_size: int, batch_size: int, steps: int, warmup: int, fused: bool,
-            device: str, bf16: bool) -> dict:
+            device: str, bf16: bool, compile: bool = False, channels_last: bool = False) -> dict:
+    """Training steps (forward, backward, AdamW) of `model_name` with `NUM_CLASSES` classes on a
+    random batch; the `warmup` steps (where `torch.compile` compiles) are not timed."""
     import vitae
 
     torch.manual_seed(0)
-    model = vitae.create_model(model_name, img_size=img_size, num_classes=1000).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = vitae.create_model(model_name, img_size=img_size, num_classes=NUM_CLASSES)
+    model = model.to(device=device, memory_format=memory_format)
     vitae.set_fused_attn(model, fused)
+    if compile:
+        model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    labels = torch.randint(0, 1000, (batch_size,), device=device)
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+    on_cuda = device.startswith("cuda")
 
     def step() -> None:
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
@@ -40,15 +51,15 @@ def measure(model_name: str, img_size: int, batch_size: int, steps: int, warmup:
 
     for _ in range(warmup):
         step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     elapsed = time.perf_counter() - start
@@ -83,18 +94,17 @@ def main() -> None:
     bf16 = args.bf16 or args.device.startswith("cuda")
     common = dict(model_name=args.model, img_size=args.img_size, batch_size=args.batch_size, steps=args.steps,
                   warmup=args.warmup, device=args.device, bf16=bf16)
-    rounds = {False: [], True: []}
-    for _ in range(args.repeats):
-        for use_fused in (False, True):
-            rounds[use_fused].append(measure_in_subprocess(fused=use_fused, **common))
-    plain, fused = (max(rounds[f], key=lambda r: r["images_per_s"]) for f in (False, True))
-    print(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}{' bf16' if bf16 else ' fp32'}, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"{'attention path':<26}{'images/s':>10}{'step ms':>10}{'peak MiB':>10}")
-    for label, result in (("softmax(QK^T)V (plain)", plain), ("scaled_dot_product_attention", fused)):
-        print(f"{label:<26}{result['images_per_s']:>10.1f}{result['step_ms']:>10.0f}{result['peak_mib']:>10.0f}")
-    print(f"speed-up of SDPA over the plain path: {fused['images_per_s'] / plain['images_per_s']:.2f}x, "
-          f"peak memory ratio {fused['peak_mib'] / plain['peak_mib']:.2f}")
+    paths = {"softmax(QK^T)V (plain)": False, "scaled_dot_product_attention": True}
+    best = best_of_rounds({label: lambda fused=fused: measure_in_subprocess(fused=fused, **common)
+                           for label, fused in paths.items()}, args.repeats, score=lambda r: r["images_per_s"])
+    rows = [("attention path", "images/s", "step ms", "peak MiB")]
+    rows += [(label, f"{result['images_per_s']:.1f}", f"{result['step_ms']:.0f}", f"{result['peak_mib']:.0f}")
+             for label, result in best.items()]
+    plain, fused = best.values()
+    print_table(f"{args.model} @ {args.img_size}px, batch {args.batch_size}, {args.device}"
+                f"{' bf16' if bf16 else ' fp32'}, {torch.get_num_threads()} threads, best of {args.repeats}", rows,
+                f"SDPA = {fused['images_per_s'] / plain['images_per_s']:.2f}x the plain path's images/s, "
+                f"peak memory {fused['peak_mib'] / plain['peak_mib']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,42 +5,22 @@
 - upload: MB/s of data_prep's publishing (boto3 managed transfers: multipart, parallel) of those
   shards to a local moto S3 server, beside a loop of single-part `put_object` calls.
 
-Run from the repository root: `python -m benchmarks.prep_speed [--images 3000]` (or, with the
-project pip-installed, `python benchmarks/prep_speed.py`). The last line is the headline ratio.
+Run from the repository root: `python -m benchmarks.prep_speed [--images 3000]`. The last line is
+the headline ratio.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from cluster.s3_server import start_s3_server
+from benchmarks.environment import generate_jpegs, s3_server
+from benchmarks.report import best_of_rounds, print_table, timed
 from data_prep.object_store import make_client
 from data_prep.prep import PrepOptions, prepare
 from data_prep.storage import S3Prefix, StagedFile, sha256_file
-
-
-def generate_jpegs(root: Path, count: int, side: int, classes: int = 10) -> None:
-    """Smooth random colour fields (JPEG-friendly, like photos), `count` over `classes` folders."""
-    for index in range(count):
-        folder = root / f"class_{index % classes:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        noise = np.random.default_rng(index).integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
-        image = Image.fromarray(noise).resize((side, side), Image.Resampling.BILINEAR)
-        image.save(folder / f"img_{index:06d}.jpg", quality=90)
-
-
-def timed(function) -> tuple[float, object]:
-    started = time.perf_counter()
-    result = function()
-    return time.perf_counter() - started, result
 
 
 def measure_conversion(images: Path, work: Path, count: int, shard_mb: int) -> tuple[float, float, Path]:
@@ -74,8 +54,9 @@ def measure_upload(shards: list[Path], bucket: str, rounds: int = 3) -> tuple[fl
             client.delete_object(Bucket=bucket, Key=listed["Key"])
         return seconds
 
-    ours, baseline = zip(*[(emptied(publish), emptied(put_object_loop)) for _ in range(rounds)])
-    return total / 1e6 / min(ours), total / 1e6 / min(baseline), total
+    fastest = best_of_rounds({"publish": lambda: emptied(publish), "put_object": lambda: emptied(put_object_loop)},
+                             rounds, score=lambda seconds: -seconds)
+    return total / 1e6 / fastest["publish"], total / 1e6 / fastest["put_object"], total
 
 
 def main() -> None:
@@ -94,14 +75,8 @@ def main() -> None:
             work / "images", work, args.images, args.shard_mb)
         shards = sorted(dataset.glob("*.tar"))
 
-        server = start_s3_server()
-        os.environ.update(AWS_ENDPOINT_URL_S3=server.endpoint, AWS_ACCESS_KEY_ID="bench",
-                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-        try:
-            make_client().create_bucket(Bucket="prep-bench")
+        with s3_server("prep-bench"):
             upload_mb_s, put_mb_s, total = measure_upload(shards, "prep-bench")
-        finally:
-            server.stop()
 
     rows = [
         ("measure", "data_prep", "baseline", "ratio"),
@@ -110,10 +85,8 @@ def main() -> None:
         (f"upload {len(shards)} shards, {total / 1e6:.0f} MB", f"{upload_mb_s:,.1f} MB/s",
          f"{put_mb_s:,.1f} MB/s (put_object loop)", f"{upload_mb_s / put_mb_s:.2f}x"),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"headline: data_prep upload throughput = {upload_mb_s / put_mb_s:.2f}x a single-part put_object loop")
+    print_table(f"vitae prep on {args.images} generated JPEGs, local moto S3 server", rows,
+                f"data_prep upload throughput = {upload_mb_s / put_mb_s:.2f}x a single-part put_object loop")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,16 @@ def stop(process: ProcessId, timeout_s: float = 30) -> bool:
     return bool(family)
 
 
+def kill_child(child: subprocess.Popen) -> None:
+    """SIGKILL a service that this process launched and its whole family at once, the way a machine
+    failure ends them (no process gets to shut down), and reap it."""
+    table = _process_table()
+    family = _family(table, child.pid) if child.pid in table else set()
+    _signal(family, signal.SIGKILL)
+    _wait_gone(family, 5)
+    child.wait()
+
+
 def stop_child(child: subprocess.Popen, timeout_s: float = 30) -> None:
     """Stop a service that this process launched, with its family, and reap it."""
     table = _process_table()

@@ -1,39 +1,43 @@
-"""The embedded Ray head: `ray start --head --block` on loopback, with token authentication.
+"""The embedded Ray head (`ray start --head --block`, token authentication), and worker nodes that
+join it on the same machine.
 
-Loopback only. On Linux `ray start` replaces a loopback `--node-ip-address` with the machine's
-address and then binds its gRPC servers to 0.0.0.0. Ray's single-machine mode
+Loopback or multi-node. On Linux `ray start` replaces a loopback `--node-ip-address` with the
+machine's address and then binds its gRPC servers to 0.0.0.0. Ray's single-machine mode
 (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the default on macOS) keeps the node address at 127.0.0.1,
-and every server binds there. Clients need the same variable, set before `import ray`; otherwise
-`ray.init(address="127.0.0.1:PORT")` resolves 127.0.0.1 to the machine's address and cannot connect.
+and every server binds there: that is how the stack's head runs. Clients need the same variable,
+set before `import ray`; otherwise `ray.init(address="127.0.0.1:PORT")` resolves 127.0.0.1 to the
+machine's address and cannot connect. Single-machine mode refuses other nodes, so a head that
+worker nodes join runs in Ray's normal multi-node mode on the machine's address (`machine_address`),
+and so do those nodes and their clients (`node_mode_env`).
 
-Token authentication. The head runs with `RAY_AUTH_MODE=token` and `RAY_AUTH_TOKEN` set to a token
-generated for it, and every client needs the same two variables (`ray_client_env`). Ray's own
-default, `~/.ray/auth_token`, is shared by every cluster of the user, so it is neither read nor written.
+Token authentication. Every node runs with `RAY_AUTH_MODE=token` and `RAY_AUTH_TOKEN` set to a token
+generated for its cluster, and every client needs the same two variables (`ray_client_env`). Ray's
+own default, `~/.ray/auth_token`, is shared by every cluster of the user, so it is neither read nor
+written.
 
-Coexistence. Every port is chosen per head, including those with fixed defaults (dashboard 8265,
+Coexistence. Every port is chosen per node, including those with fixed defaults (dashboard 8265,
 client server 10001, agent 52365, metrics 44217/44227), and `--temp-dir` keeps the session files
 and `ray_current_cluster` apart from other clusters'. `ray stop` stops every Ray process on the
-machine, so a head is only ever stopped through its own process family (`processes.stop`).
+machine, so a node is only ever stopped through its own process family (`processes.stop`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 from cluster import processes
 from cluster.net import LOOPBACK, http_ok, wait_until
 
-# `ray start` options that take a port.
-PORT_FLAGS = (
-    "port",
-    "dashboard-port",
-    "ray-client-server-port",
+# `ray start` options that take a port: those of the head only, then those of every node.
+HEAD_PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port")
+NODE_PORT_FLAGS = (
     "dashboard-agent-listen-port",
     "dashboard-agent-grpc-port",
     "node-manager-port",
@@ -41,40 +45,74 @@ PORT_FLAGS = (
     "metrics-export-port",
     "runtime-env-agent-port",
 )
-# Ports that only environment variables set (Prometheus endpoints of the autoscaler and dashboard).
+PORT_FLAGS = HEAD_PORT_FLAGS + NODE_PORT_FLAGS
+# Ports that only environment variables set (Prometheus endpoints of the head's autoscaler and dashboard).
 PORT_VARIABLES = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")
-PORT_NAMES = PORT_FLAGS + PORT_VARIABLES
+PORT_NAMES = PORT_FLAGS + PORT_VARIABLES  # a head's ports
+WORKER_NODE_PORT_NAMES = NODE_PORT_FLAGS  # a worker node's ports
+NODE_START_ATTEMPTS = 3
 
-SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# A caller's settings for some other cluster must not leak into the head.
+SINGLE_MACHINE_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+SINGLE_MACHINE_ENV = {SINGLE_MACHINE_VARIABLE: "0"}
+# A caller's settings for some other cluster must not leak into a node.
 _CLIENT_VARIABLES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
-def gcs_address(ports: Mapping[str, int]) -> str:
-    """The address for `ray.init(address=...)`."""
-    return f"{LOOPBACK}:{ports['port']}"
+def machine_address() -> str:
+    """The address Ray gives a node of a multi-node cluster on this machine (the one other machines
+    would reach it at)."""
+    from ray._common.network_utils import node_ip_address_from_perspective
+
+    return node_ip_address_from_perspective()
 
 
-def dashboard_url(ports: Mapping[str, int]) -> str:
+def node_mode_env(host: str) -> dict[str, str]:
+    """Ray's single-machine mode for a cluster on loopback, its multi-node mode for any other address."""
+    return SINGLE_MACHINE_ENV if host == LOOPBACK else {SINGLE_MACHINE_VARIABLE: "1"}
+
+
+def gcs_address(ports: Mapping[str, int], host: str = LOOPBACK) -> str:
+    """The address for `ray.init(address=...)` and for nodes joining the cluster."""
+    return f"{host}:{ports['port']}"
+
+
+def dashboard_url(ports: Mapping[str, int], host: str = LOOPBACK) -> str:
     """The dashboard and jobs API, for `ray job submit`."""
-    return f"http://{LOOPBACK}:{ports['dashboard-port']}"
+    return f"http://{host}:{ports['dashboard-port']}"
 
 
 @dataclass
-class RayHead:
+class RayNode:
+    """One `ray start --block` process (a head or a worker node) on `host`; its ports by option name."""
+
     ports: dict[str, int]
     process: subprocess.Popen
+    host: str = LOOPBACK
+
+    def stop(self) -> None:
+        """Stop the node: its raylet, its workers and every other process it started. A worker node
+        is first drained as if it were preempted (up to 30 s while tasks and actors run on it)."""
+        processes.stop_child(self.process)
+
+    def kill(self) -> None:
+        """End the node at once, as a machine failure would: no draining, no shutdown."""
+        processes.kill_child(self.process)
+
+
+Node = TypeVar("Node", bound=RayNode)
+
+
+@dataclass
+class RayHead(RayNode):
+    """The node that runs the GCS, the dashboard and the jobs API."""
 
     @property
     def gcs_address(self) -> str:
-        return gcs_address(self.ports)
+        return gcs_address(self.ports, self.host)
 
     @property
     def dashboard_url(self) -> str:
-        return dashboard_url(self.ports)
-
-    def stop(self) -> None:
-        processes.stop_child(self.process)
+        return dashboard_url(self.ports, self.host)
 
 
 def ray_auth_env(auth_token: str | None) -> dict[str, str]:
@@ -84,19 +122,19 @@ def ray_auth_env(auth_token: str | None) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token}
 
 
-def ray_client_env(ports: Mapping[str, int], auth_token: str | None) -> dict[str, str]:
+def ray_client_env(ports: Mapping[str, int], auth_token: str | None, host: str = LOOPBACK) -> dict[str, str]:
     """What a client process needs: `ray.init()` and Ray Train/Tune use RAY_ADDRESS (the GCS);
     `ray job submit` and JobSubmissionClient prefer RAY_API_SERVER_ADDRESS (the dashboard)."""
     return {
-        "RAY_ADDRESS": gcs_address(ports),
-        "RAY_API_SERVER_ADDRESS": dashboard_url(ports),
+        "RAY_ADDRESS": gcs_address(ports, host),
+        "RAY_API_SERVER_ADDRESS": dashboard_url(ports, host),
         **ray_auth_env(auth_token),
-        **SINGLE_MACHINE_ENV,
+        **node_mode_env(host),
     }
 
 
 def ray_temp_dir(owner: Path) -> Path:
-    """A short per-owner directory for the head's session files.
+    """A short per-owner directory for a node's session files.
 
     Ray puts unix sockets under it, and a socket path must stay under ~107 bytes, which a temp dir
     inside a deep project or pytest directory would exceed.
@@ -105,11 +143,14 @@ def ray_temp_dir(owner: Path) -> Path:
     return Path("/tmp") / f"vitae-ray-{digest}"
 
 
-def ray_head_healthy(ports: Mapping[str, int]) -> bool:
+def ray_node_healthy(ports: Mapping[str, int], host: str = LOOPBACK) -> bool:
+    """The node's agent reports its raylet alive (registered with the GCS), and the GCS on a head."""
+    return http_ok(f"http://{host}:{ports['dashboard-agent-listen-port']}/api/healthz")
+
+
+def ray_head_healthy(ports: Mapping[str, int], host: str = LOOPBACK) -> bool:
     """The dashboard answers and the head's agent reports its raylet and the GCS alive."""
-    return http_ok(f"{dashboard_url(ports)}/api/gcs_healthz") and http_ok(
-        f"http://{LOOPBACK}:{ports['dashboard-agent-listen-port']}/api/healthz"
-    )
+    return http_ok(f"{dashboard_url(ports, host)}/api/gcs_healthz") and ray_node_healthy(ports, host)
 
 
 def start_ray_head(
@@ -119,19 +160,22 @@ def start_ray_head(
     temp_dir: Path,
     log_path: Path,
     worker_env: Mapping[str, str] | None = None,
+    host: str = LOOPBACK,
     timeout_s: float = 180,
 ) -> RayHead:
-    """Start a Ray head on loopback and wait until it accepts jobs.
+    """Start a Ray head on `host` and wait until it accepts jobs.
 
-    `num_cpus` may exceed the real core count (logical CPUs let multi-worker runs fit on a small
-    machine). `worker_env` is added to the environment of every Ray process, drivers and workers
-    included, the way a real cluster's nodes are configured with service endpoints and credentials.
-    It runs in a session of its own (see `processes.launch`) and outlives the caller.
+    On loopback (the default) the cluster is this one node; on the machine's address
+    (`machine_address()`) worker nodes can join it (`start_ray_worker_node`). `num_cpus` may exceed
+    the real core count (logical CPUs let multi-worker runs fit on a small machine). `worker_env` is
+    added to the environment of every Ray process, drivers and workers included, the way a real
+    cluster's nodes are configured with service endpoints and credentials. It runs in a session of
+    its own (see `processes.launch`) and outlives the caller.
     """
     argv = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        f"--node-ip-address={LOOPBACK}",
-        f"--dashboard-host={LOOPBACK}",
+        f"--node-ip-address={host}",
+        f"--dashboard-host={host}",
         "--include-dashboard=true",
         f"--num-cpus={num_cpus}",
         f"--temp-dir={temp_dir}",
@@ -139,15 +183,77 @@ def start_ray_head(
         "--log-style=record",
         *(f"--{flag}={ports[flag]}" for flag in PORT_FLAGS),
     ]  # fmt: skip
+    env = _node_env(auth_token, worker_env, host)
+    env.update({name: str(ports[name]) for name in PORT_VARIABLES})
+    # Ray's own state-API calls inside actors (e.g. Ray Train's placement-group cleaner) otherwise
+    # look the cluster up among every `gcs_server` on the machine and fail when there are several.
+    env["RAY_API_SERVER_ADDRESS"] = dashboard_url(ports, host)
+    # Stopping the head ends the cluster: no draining first (on SIGTERM `ray start` waits up to 30 s
+    # for the node to go idle, which detached actors such as Ray Train's never let it).
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    return _start_node(lambda: RayHead(dict(ports), processes.launch(argv, log_path, env), host),
+                       lambda: ray_head_healthy(ports, host), f"Ray head at {dashboard_url(ports, host)}", timeout_s)
+
+
+def start_ray_worker_node(
+    head_address: str,
+    ports: Mapping[str, int],
+    num_cpus: int,
+    resources: Mapping[str, float],
+    auth_token: str | None,
+    temp_dir: Path,
+    log_path: Path,
+    worker_env: Mapping[str, str] | None = None,
+    timeout_s: float = 180,
+) -> RayNode:
+    """Start a worker node on this machine that joins the multi-node cluster whose GCS is at
+    `head_address` (host:port), with `num_cpus` logical CPUs and custom `resources`; wait until
+    its raylet has registered. `ports` are this node's own (`WORKER_NODE_PORT_NAMES`); `auth_token`
+    and `worker_env` are as for its head. `stop()` takes the node out of the cluster.
+    """
+    host = head_address.rsplit(":", 1)[0]
+    argv = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
+        f"--address={head_address}",
+        f"--node-ip-address={host}",
+        f"--num-cpus={num_cpus}",
+        f"--resources={json.dumps(dict(resources))}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        "--log-style=record",
+        *(f"--{flag}={ports[flag]}" for flag in NODE_PORT_FLAGS),
+    ]  # fmt: skip
+    env = _node_env(auth_token, worker_env, host)
+    return _start_node(lambda: RayNode(dict(ports), processes.launch(argv, log_path, env), host),
+                       lambda: ray_node_healthy(ports, host), f"Ray worker node joining {head_address}", timeout_s)
+
+
+def _node_env(auth_token: str | None, worker_env: Mapping[str, str] | None, host: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in _CLIENT_VARIABLES}
     env.update(worker_env or {})
     env.update(ray_auth_env(auth_token))
-    env.update(SINGLE_MACHINE_ENV)
-    env.update({name: str(ports[name]) for name in PORT_VARIABLES})
-    head = RayHead(dict(ports), processes.launch(argv, log_path, env))
-    try:
-        wait_until(lambda: ray_head_healthy(ports), f"Ray head at {head.dashboard_url}", timeout_s, head.process)
-    except BaseException:
-        head.stop()
-        raise
-    return head
+    env.update(node_mode_env(host))
+    return env
+
+
+def _start_node(launch: Callable[[], Node], ready: Callable[[], bool], what: str, timeout_s: float) -> Node:
+    """Launch a node and wait until it is `ready`; stop it if it is not.
+
+    A raylet gives its dashboard agent a fixed 15 s to start and exits otherwise
+    (ray-project/ray#65983), which a loaded machine can exceed: a `ray start` that exits while
+    starting is tried again, up to `NODE_START_ATTEMPTS` times.
+    """
+    attempts_left = NODE_START_ATTEMPTS
+    while True:
+        attempts_left -= 1
+        node = launch()
+        try:
+            wait_until(ready, what, timeout_s, node.process)
+            return node
+        except RuntimeError:  # `ray start` exited
+            node.stop()
+            if not attempts_left:
+                raise
+        except BaseException:
+            node.stop()
+            raise

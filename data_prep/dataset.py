@@ -5,6 +5,11 @@
     urls = dataset.shard_urls("train")            # s3:// URLs or local paths, for webdataset
     pipeline = webdataset.WebDataset(urls, shardshuffle=False).map(decode_sample)  # (PIL RGB, label)
 
+`decode_sample` is also the readers' judge of a sample: an image that does not decode, a missing or
+out-of-range label, or a name that is absolute or climbs out with `..` raise `BadSample`, which
+names the shard and the sample. Shards are read in memory (webdataset reads each tar member's
+bytes); no reader extracts members to disk, whatever their names.
+
 Importing this module registers an `s3://` opener in webdataset's `gopen_schemes` (webdataset
 1.0.2 has none): it streams GetObject bodies through `data_prep.object_store`, with a client per
 process built from the environment. Every process that opens `s3://` shards must import this
@@ -14,7 +19,9 @@ module; unpickling a pipeline that references `decode_sample` does so (e.g. in D
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
+from typing import Literal
 
 from PIL import Image
 
@@ -78,12 +85,41 @@ class PreparedDataset:
         return hashlib.sha256(manifest).hexdigest()
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, int]:
-    """A raw webdataset sample (bytes per extension) -> (RGB PIL image, class index)."""
+class BadSample(UserError):
+    """A sample that cannot be used, or the unreadable rest of a shard; the message names the shard."""
+
+
+OnBadSample = Literal["skip", "fail"]  # what a reader does with a `BadSample`
+
+
+UNSAFE_NAME = re.compile(r"^[/\\]|(^|[/\\])\.\.([/\\]|$)")  # absolute, or a `..` component
+
+
+def shard_name_of(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def decode_sample(sample: dict, num_classes: int | None = None) -> tuple[Image.Image, int]:
+    """A raw webdataset sample (bytes per extension) -> (RGB PIL image, class index in
+    [0, num_classes) when `num_classes` is given); `BadSample` if it is unusable."""
+    key = sample.get("__key__", "")
+    where = f"{shard_name_of(sample.get('__url__', '?'))}: sample {key!r}"
+    if UNSAFE_NAME.search(key):
+        raise BadSample(f"{where}: unsafe member name (absolute or with '..')")
     extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if extension is None:
-        raise ValueError(f"sample {sample.get('__key__')!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
-    return images.to_rgb(images.decode(sample[extension])), int(sample["cls"])
+        raise BadSample(f"{where}: no image ({', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        label = int(sample["cls"])
+    except (KeyError, ValueError):
+        raise BadSample(f"{where}: no integer label (.cls)") from None
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise BadSample(f"{where}: label {label} not in [0, {num_classes})")
+    try:
+        image = images.to_rgb(images.decode(sample[extension]))
+    except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
+        raise BadSample(f"{where}: undecodable image ({type(error).__name__}: {error})") from None
+    return image, label
 
 
 def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):

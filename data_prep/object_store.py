@@ -6,6 +6,11 @@ credentials left to boto3's standard chain), `s3://` URL parsing, the boto3 call
 cause (unreachable endpoint, missing credentials, missing bucket, access denied) into `UserError`.
 Messages name the endpoint and bucket, never a credential.
 
+Transient failures (throttling, 5xx, dropped connections) are botocore's to retry, in standard mode
+with `S3Config.max_attempts` attempts per request. A dropped connection while an object's body
+streams is not a request botocore can repeat: `ObjectReader` asks again for the remaining bytes.
+When the attempts run out, `EndpointError` names the endpoint.
+
 Environment: `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`), `AWS_REGION` / `AWS_DEFAULT_REGION`,
 `AWS_RETRY_MODE` (standard | adaptive), `AWS_MAX_ATTEMPTS`, and the usual credential variables.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
@@ -31,7 +37,7 @@ class S3Config:
     endpoint_url: str | None = None
     region: str = "us-east-1"
     retry_mode: str = "standard"
-    max_attempts: int = 3  # the AWS SDKs' default; raise it with AWS_MAX_ATTEMPTS for flaky links
+    max_attempts: int = 5  # per request (the SDKs' default is 3): rides out a few seconds of throttling
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     max_pool_connections: int = 32
@@ -63,7 +69,7 @@ def make_client(config: S3Config | None = None):
 
     config = config or S3Config.from_env()
     client_config = botocore.config.Config(
-        retries={"mode": config.retry_mode, "max_attempts": config.max_attempts},
+        retries={"mode": config.retry_mode, "total_max_attempts": config.max_attempts},  # the first one included
         connect_timeout=config.connect_timeout_s,
         read_timeout=config.read_timeout_s,
         max_pool_connections=config.max_pool_connections,
@@ -121,6 +127,21 @@ class Upload:
     metadata: dict[str, str]
 
 
+class EndpointError(UserError):
+    """The S3 endpoint failed a request after every attempt, or cannot be reached.
+
+    Readers that stream objects (tarfile, webdataset) append their context to an exception's `args`
+    on the way up; the message stays the one given here, so the user still reads one clean line.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class ObjectStore:
     """One bucket behind one client; every call translates user-caused failures to `UserError`."""
 
@@ -144,7 +165,7 @@ class ObjectStore:
             ) from None
         except (bx.ConnectionError, bx.HTTPClientError) as error:  # refused, timed out, reset (after retries)
             endpoint = self.config.endpoint_name
-            raise UserError(f"cannot reach the S3 endpoint {endpoint} ({type(error).__name__})") from None
+            raise EndpointError(f"cannot reach the S3 endpoint {endpoint} ({type(error).__name__})") from None
         except bx.ClientError as error:
             raise _client_error(error, what, where) from None
 
@@ -166,13 +187,12 @@ class ObjectStore:
         return StoredObject(reply["ContentLength"], reply.get("Metadata", {}), reply.get("ETag", ""))
 
     def get_bytes(self, key: str) -> bytes:
-        with self.errors(f"read {key}"):
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        with self.open(key) as body:
+            return body.read()
 
-    def open(self, key: str):
-        """A streaming, file-like body of the object (read(n) / close())."""
-        with self.errors(f"open {key}"):
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+    def open(self, key: str) -> ObjectReader:
+        """A streaming, file-like body of the object (read(n) / close()) that survives dropped connections."""
+        return ObjectReader(self, key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self.errors(f"write {key}"):
@@ -232,6 +252,61 @@ class ObjectStore:
                 future.result()
 
 
+class ObjectReader:
+    """The body of one object, read as a stream. When the connection drops mid-body (the errors
+    s3transfer's downloads retry), it requests the remaining bytes again (`Range`, pinned to the
+    first response's ETag), up to `max_attempts` times in a row without progress."""
+
+    def __init__(self, store: ObjectStore, key: str):
+        self.store, self.key = store, key
+        self.position = 0  # bytes returned so far
+        self.etag: str | None = None
+        self.body = self._request()
+
+    def _request(self):
+        from botocore.exceptions import ClientError
+
+        resume = {"Range": f"bytes={self.position}-", "IfMatch": self.etag} if self.position else {}
+        with self.store.errors(f"read {self.key}"):
+            try:
+                reply = self.store.client.get_object(Bucket=self.store.bucket, Key=self.key, **resume)
+            except ClientError as error:
+                if resume and _error_code(error) in ("PreconditionFailed", "412"):
+                    raise UserError(f"s3://{self.store.bucket}/{self.key} changed while it was read") from None
+                raise
+        self.etag = self.etag or reply.get("ETag")
+        return reply["Body"]
+
+    def read(self, size: int | None = -1) -> bytes:
+        from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
+
+        failures = 0
+        while True:
+            try:
+                data = self.body.read() if size is None or size < 0 else self.body.read(size)
+            except S3_RETRYABLE_DOWNLOAD_ERRORS as error:
+                self.body.close()
+                failures += 1
+                if failures == self.store.config.max_attempts:
+                    raise EndpointError(
+                        f"the S3 endpoint {self.store.config.endpoint_name} dropped s3://{self.store.bucket}/"
+                        f"{self.key} at byte {self.position} {failures} times in a row ({type(error).__name__})"
+                    ) from None
+                self.body = self._request()
+            else:
+                self.position += len(data)
+                return data
+
+    def close(self) -> None:
+        self.body.close()
+
+    def __enter__(self) -> ObjectReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def _progress_subscriber(on_bytes: Callable[[int], None]):
     from s3transfer.subscribers import BaseSubscriber
 
@@ -252,7 +327,16 @@ def _client_error(error, what: str, where: str) -> Exception:
         return UserError(f"bucket does not exist: {where}")
     if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
         return UserError(f"access denied to {where} ({what}): check the credentials and their permissions")
+    metadata = error.response.get("ResponseMetadata", {})
+    status = metadata.get("HTTPStatusCode", 0)
+    if status >= 500 or _THROTTLING.search(code):  # what botocore retries, still failing after the last attempt
+        attempts = metadata.get("RetryAttempts", 0) + 1
+        return EndpointError(f"S3 endpoint unavailable: {what} of {where} failed ({code}, HTTP {status}) "
+                             f"after {attempts} attempt(s); try again later or raise AWS_MAX_ATTEMPTS")
     return error
+
+
+_THROTTLING = re.compile(r"SlowDown|Throttl|RequestLimitExceeded|TooManyRequests")
 
 
 _CLIENTS: dict[tuple[int, S3Config], object] = {}

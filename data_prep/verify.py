@@ -1,9 +1,10 @@
 """`vitae verify`: check a dataset against its manifest, reading every shard once.
 
 For each shard in the manifest: it exists with the recorded size and sha256, its samples group
-the way webdataset groups them, the sample count matches, and every sample decodes (through the
-readers' own `decode_sample`) to an image with a label in range. Per-split totals must match
-dataset.json. Each shard is streamed and hashed in the same pass, so memory stays small.
+the way webdataset groups them, the sample count matches, and every sample passes the readers' own
+`decode_sample` (an image that decodes, a label in range, a safe member name). Per-split totals
+must match dataset.json. Each shard is streamed and hashed in the same pass, so memory stays small.
+An S3 endpoint that stays unavailable ends verification with its error (it is not a shard problem).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from data_prep.dataset import PreparedDataset, decode_sample
+from data_prep.dataset import BadSample, PreparedDataset, decode_sample
+from data_prep.errors import UserError
 from data_prep.manifest import ShardRecord
 
 
@@ -87,6 +89,8 @@ def _check_shard(dataset: PreparedDataset, shard: ShardRecord) -> tuple[list[str
     try:
         problems, samples = _check_samples(shard.name, reader, len(dataset.class_names))
         reader.drain()
+    except UserError:  # the endpoint, not the shard
+        raise
     except Exception as error:  # a corrupt tar stream: report it, keep verifying other shards
         return [f"{shard.name}: unreadable tar ({type(error).__name__}: {error})"], 0
     finally:
@@ -105,10 +109,7 @@ def _check_samples(name: str, stream: BinaryIO, num_classes: int) -> tuple[list[
     for sample in group_by_keys(tar_file_expander([{"url": name, "stream": stream}])):
         samples += 1
         try:
-            _, label = decode_sample(sample)
-        except Exception as error:  # Pillow and int() raise many types for corrupt content
-            problems.append(f"{name}: sample {sample['__key__']}: {type(error).__name__}: {error}")
-            continue
-        if not 0 <= label < num_classes:
-            problems.append(f"{name}: sample {sample['__key__']}: label {label} not in [0, {num_classes})")
+            decode_sample(sample, num_classes)
+        except BadSample as problem:
+            problems.append(str(problem))
     return problems, samples

@@ -3,10 +3,11 @@ model scored on one split of a prepared dataset, in one process, by the code tha
 training (`EvalTransform`, `evaluation.evaluate`, `EvalTotals`), so the numbers are training's.
 
 `evaluate_model` is what promotion scores challenger and champion with. The command prints top-1,
-top-5 and loss and writes `confusion_matrix.png` and `metrics.json` to the output directory.
+top-5 and loss and writes `confusion_matrix.png` and `metrics.json` to the output: a directory, or
+an `s3://` prefix (a job's own directory on the cluster does not outlive it).
 
-    ray job submit -- python -m pipelines.evaluate --model models:/digits@champion \\
-        --data s3://vitae-data/digits --split test --output /tmp/eval
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m pipelines.evaluate \\
+        --model models:/digits@champion --data s3://vitae-data/digits --output s3://vitae-checkpoints/eval
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
     from torch import nn
 
     from data_prep.dataset import PreparedDataset
+    from data_prep.storage import Storage
     from pipelines.evaluation import EvalTotals
     from pipelines.model_packaging import ClassifierInfo
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LOADER_WORKERS = 2
+REPORT_FILES = ("confusion_matrix.png", "metrics.json")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,15 +43,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "evaluation (one process; a GPU if there is one): prints top-1, top-5 and loss, writes "
                     "confusion_matrix.png and metrics.json.",
     )
-    parser.add_argument("--model", required=True, metavar="URI",
-                        help="an MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID/model, ...")
-    parser.add_argument("--data", required=True, metavar="DEST", help="the prepared dataset (s3:// URL or path)")
-    parser.add_argument("--split", default="test", help="the split to evaluate on (default: test)")
-    parser.add_argument("--output", metavar="DIR", type=Path,
+    parser.add_argument("--config", metavar="FILE",
+                        help="these options as YAML (model:, data:, batch_size: for --batch-size, ...); flags "
+                             "override it")
+    parser.add_argument("--model", metavar="URI",
+                        help="an MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID/model, ... "
+                             "(required)")
+    parser.add_argument("--data", metavar="DEST", help="the prepared dataset (s3:// URL or path; required)")
+    parser.add_argument("--split", help="the split to evaluate on (default: test)")
+    parser.add_argument("--output", metavar="DIR|s3://BUCKET/PREFIX",
                         help="where to write the figure and metrics (default: evaluations/<model>-<split>)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass")
-    parser.add_argument("--loader-workers", type=int, default=DEFAULT_LOADER_WORKERS,
-                        help="DataLoader processes decoding images (0: in this process)")
+    parser.add_argument("--batch-size", type=int, help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--loader-workers", type=int,
+                        help=f"DataLoader processes decoding images (0: in this process; default: "
+                             f"{DEFAULT_LOADER_WORKERS})")
     parser.set_defaults(handler=evaluate_command)
 
 
@@ -130,20 +138,23 @@ def describe(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
-def write_report(evaluation: Evaluation, directory: Path) -> list[Path]:
-    """`confusion_matrix.png` and `metrics.json` in the (existing) `directory`; returns their paths."""
+def write_report(evaluation: Evaluation, output: Storage) -> list[str]:
+    """`REPORT_FILES` (the confusion matrix figure, the metrics) to `output`; returns where they went."""
+    import io
     import json
 
     from pipelines import plots
 
-    figure_path, metrics_path = directory / "confusion_matrix.png", directory / "metrics.json"
+    figure = io.BytesIO()
     plots.confusion_matrix(evaluation.totals.confusion, evaluation.info.class_names, evaluation.split).savefig(
-        figure_path)
+        figure, format="png")
     report = {"model_uri": evaluation.model_uri, "data_url": evaluation.data_url, "split": evaluation.split,
               **evaluation.metrics, "class_names": evaluation.info.class_names,
               "confusion": evaluation.totals.confusion.tolist()}
-    metrics_path.write_text(json.dumps(report, indent=2) + "\n")
-    return [figure_path, metrics_path]
+    figure_name, metrics_name = REPORT_FILES
+    output.write_bytes(figure_name, figure.getvalue())
+    output.write_bytes(metrics_name, (json.dumps(report, indent=2) + "\n").encode())
+    return [output.shard_url(name) for name in REPORT_FILES]  # a local path or an s3:// URL
 
 
 def default_output(model_uri: str, split: str) -> Path:
@@ -153,17 +164,16 @@ def default_output(model_uri: str, split: str) -> Path:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.loader_workers < 0:
-        raise UserError("--batch-size must be at least 1 and --loader-workers at least 0")
-    output = args.output or default_output(args.model, args.split)
-    try:  # before the evaluation: a bad --output fails at once
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--output {output}: cannot create it ({error.strerror or error})") from None
-    evaluation = run_evaluation(args.model, args.data, args.split, args.batch_size, args.loader_workers)
+    from data_prep.storage import open_storage
+    from pipelines.job_options import EvaluateOptions, resolve_options
+
+    options = resolve_options(args, EvaluateOptions)
+    output = open_storage(options.output or str(default_output(options.model, options.split)))
+    output.check(create=True)  # before the evaluation: a bad --output fails at once
+    evaluation = run_evaluation(options.model, options.data, options.split, options.batch_size,
+                                options.loader_workers)
     print(evaluation.summary())
-    written = write_report(evaluation, output)
-    print(f"wrote {', '.join(map(str, written))}")
+    print(f"wrote {', '.join(write_report(evaluation, output))}")
     return 0
 
 

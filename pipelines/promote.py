@@ -9,7 +9,8 @@ rollback is logged as a run of the MLflow experiment `promotions/<NAME>` (params
 champion, margin, metric, data; metrics: both models' scores; `promotion.json`), and each evaluated
 version is tagged with its scores and the challenger with the decision.
 
-    ray job submit -- python -m pipelines.promote --model digits-vitae --margin 0.005
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml \\
+        -- python -m pipelines.promote --config configs/digits_promote.yaml      # or --model NAME ...
 """
 
 from __future__ import annotations
@@ -42,34 +43,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "than --margin (the old champion becomes @previous-champion). --rollback restores "
                     "@previous-champion instead. Logged to the MLflow experiment promotions/NAME.",
     )
-    parser.add_argument("--model", required=True, metavar="NAME", help="the registered model's name")
+    parser.add_argument("--config", metavar="FILE",
+                        help="these options as YAML (model:, lock_url: for --lock-url, ...); flags override it")
+    parser.add_argument("--model", metavar="NAME", help="the registered model's name (required)")
     parser.add_argument("--version", help="the version to promote (default: the one aliased @challenger)")
     parser.add_argument("--data", metavar="DEST",
                         help="the prepared dataset to evaluate on (default: the challenger version's "
                              "'dataset_url' tag, set when a sweep registers it)")
-    parser.add_argument("--split", default="test", help="the split to evaluate on (default: test)")
-    parser.add_argument("--metric", choices=METRICS, default="top1", help="the score compared (default: top1)")
-    parser.add_argument("--margin", type=float, default=0.0,
+    parser.add_argument("--split", help="the split to evaluate on (default: test)")
+    parser.add_argument("--metric", choices=METRICS, help="the score compared (default: top1)")
+    parser.add_argument("--margin", type=float,
                         help="how much the challenger must beat the champion by (default: 0)")
     parser.add_argument("--lock-url", metavar="s3://BUCKET[/PREFIX]",
                         help=f"where the lease serialising promotions lives, as <lock-url>/{LOCK_PREFIX}/NAME "
                              f"(default: s3://${LOCK_BUCKET_ENV})")
-    parser.add_argument("--rollback", action="store_true",
+    parser.add_argument("--rollback", action="store_true", default=None,
                         help="make @previous-champion the champion again (no evaluation)")
     parser.set_defaults(handler=promote_command)
 
 
 def promote_command(args: argparse.Namespace) -> int:
-    if args.rollback:
-        champion, replaced = rollback_registered(args.model, lock_url=args.lock_url)
-        print(f"rolled back: {args.model} @champion is version {champion} again"
+    import mlflow
+
+    from pipelines.job_options import PromoteOptions, resolve_options
+
+    options = resolve_options(args, PromoteOptions)
+    if options.rollback:
+        champion, replaced = rollback_registered(options.model, lock_url=options.lock_url)
+        print(f"rolled back: {options.model} @champion is version {champion} again"
               + (f" (version {replaced} is now @previous-champion)" if replaced else ""))
-        print(f"logged to the MLflow experiment {EXPERIMENT_PREFIX}{args.model}")
-        return 0
-    promotion = promote_registered(args.model, args.data, split=args.split, version=args.version,
-                                   margin=args.margin, metric=args.metric, lock_url=args.lock_url)
-    print(f"{'promoted' if promotion.promoted else 'not promoted'}: {promotion.reason}")
-    print(f"logged to the MLflow experiment {EXPERIMENT_PREFIX}{args.model}")
+    else:
+        promotion = promote_registered(options.model, options.data, split=options.split,
+                                       version=str(options.version) if options.version else None,
+                                       margin=options.margin, metric=options.metric, lock_url=options.lock_url)
+        print(f"{'promoted' if promotion.promoted else 'not promoted'}: {promotion.reason}")
+    print(f"logged to the MLflow experiment {EXPERIMENT_PREFIX}{options.model} at {mlflow.get_tracking_uri()}")
     return 0
 
 

@@ -2,9 +2,11 @@
 that reaches it, and the lookup of a previous run with the same name (which Ray Train resumes).
 
 `s3://bucket/prefix` becomes `bucket/prefix` on a pyarrow `S3FileSystem` configured from the same
-`S3Config` as data_prep's boto3 clients (endpoint, region, retries from the environment).
-Credentials are not put into it: each process that unpickles it (Ray's controller, the workers)
-resolves them from its own environment, as boto3 does, so they never travel with the run config.
+`S3Config` as data_prep's boto3 clients (endpoint, region, timeouts, retries from the environment).
+Ray sends it by pickling; pyarrow's own pickling drops the retry strategy (back to 3 attempts), so
+it is rebuilt from the `S3Config` in every process. Credentials are not put into it: each process
+that unpickles it (Ray's controller, the workers) resolves them from its own environment, as
+boto3 does, so they never travel with the run config.
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ class RunStorage:
 def s3_filesystem(config: S3Config):
     from pyarrow import fs
 
-    return fs.S3FileSystem(
+    class ConfiguredS3FileSystem(fs.S3FileSystem):
+        """pyarrow's S3 filesystem that unpickles with all of `config`, retries included."""
+
+        def __reduce__(self):
+            return s3_filesystem, (config,)
+
+    return ConfiguredS3FileSystem(
         endpoint_override=config.endpoint_url, region=config.region,
         connect_timeout=config.connect_timeout_s, request_timeout=config.read_timeout_s,
         retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts),

@@ -8,6 +8,14 @@ flat params (plus derived values such as the scaled learning rate) and `config.y
 logs its metrics (step = epoch) and redraws `learning_curves.png` and `confusion_matrix.png`; the
 end logs the packaged model (see `model_packaging`) once and tags the run with its URI.
 
+An MLflow outage neither stalls nor fails training. Epoch results are sent with a few quick
+retries (MLflow's own client retries, bounded: `QUICK_RETRIES`) instead of MLflow's default of
+about four minutes per request; metrics that do not get through are held back (with the time they
+were measured) and sent with the next epoch's, and the figures are redrawn then. Held-back metrics
+survive a restart of the workers: they are in the checkpoint's per-epoch history, and a run that
+attaches again sends the epochs its MLflow run lacks. Whatever is still held back when the run
+ends is named in a warning.
+
 A resumed sweep finds its run again by the tag `vitae.sweep_name` (the latest run of that name).
 A trial's training run names it as parent (MLflow's `mlflow.parentRunId` tag, which nests
 it in the UI) when it is created; the sweep's run ends with the trial table and figure.
@@ -20,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import os
 import re
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,23 +44,39 @@ RUN_NAME_TAG = "vitae.run_name"
 SWEEP_NAME_TAG = "vitae.sweep_name"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (mlflow.utils.mlflow_tags)
 MODEL_URI_TAG = "vitae.model_uri"
-PARAMS_PER_REQUEST = 100  # MLflow's log_batch limit
+PARAMS_PER_REQUEST = 100  # MLflow's log_batch limits
+METRICS_PER_REQUEST = 1000
+# Per request while epoch results are sent: 3 attempts over about 3 s (urllib3 backoff 0 s, then
+# 2 s plus jitter) and 30 s to answer, instead of MLflow's 8 attempts over about 4 minutes. A
+# user's own setting of one of these variables wins.
+QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _USERINFO = re.compile(r"(?<=://)[^/@]+@")
+
+logger = logging.getLogger(__name__)  # rank 0's warnings reach the job's console through Ray Train
 
 
 class RunTracker:
     def __init__(self, client, run_id: str, experiment_id: str):
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+        self.held_back: list = []  # epoch metrics (mlflow.entities.Metric) MLflow has not accepted yet
+        self.unreachable = False  # the last attempt to send them failed
 
     @classmethod
     def attach(cls, run_name: str, experiment: str, tracking_uri: str | None, run_id: str | None,
-               params: Mapping[str, Any], config_yaml: str, parent_run_id: str | None = None) -> RunTracker:
+               params: Mapping[str, Any], config_yaml: str, parent_run_id: str | None = None,
+               history: Sequence[Mapping[str, float]] = ()) -> RunTracker:
         """The MLflow run of training run `run_name`: `run_id` if known, else an unstarted one, else
-        new (nested under `parent_run_id`, a sweep's run, if given)."""
+        new (nested under `parent_run_id`, a sweep's run, if given). `history` holds the metrics of
+        the epochs already trained (a restored checkpoint's): those the run lacks are sent now."""
         client, experiment_id = _connect(experiment, tracking_uri)
         run_id = run_id or _unstarted_run(client, experiment_id, run_name)
         tags = {RUN_NAME_TAG: run_name, **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
-        return cls._open(client, experiment_id, run_id, run_name, tags, params, config_yaml)
+        tracker = cls._open(client, experiment_id, run_id, run_name, tags, params, config_yaml)
+        if history:
+            tracker._hold_back_missing(history)
+            tracker._send_held_back("held back; training goes on")
+        return tracker
 
     @classmethod
     def attach_sweep(cls, sweep_name: str, experiment: str, tracking_uri: str | None, params: Mapping[str, Any],
@@ -82,13 +108,63 @@ class RunTracker:
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float], history: Sequence[dict[str, float]],
                   confusion: torch.Tensor, class_names: Sequence[str]) -> None:
+        """The epoch's metrics (step = epoch) and figures; held back while MLflow is unreachable."""
+        self._hold_back(epoch, metrics, int(time.time() * 1000))
+        if self._send_held_back("held back; training goes on"):
+            self._attempt(lambda: (
+                self.client.log_figure(self.run_id, plots.learning_curves(history), "learning_curves.png"),
+                self.client.log_figure(self.run_id, plots.confusion_matrix(confusion, class_names),
+                                       "confusion_matrix.png")), "the figures wait for the next epoch")
+
+    def _send_held_back(self, if_unreachable: str) -> bool:
+        """Send the held-back metrics; False, with a warning ending in `if_unreachable`, if MLflow
+        does not answer."""
+        if not self.held_back:
+            return True
+        epochs = _epochs(self.held_back)
+        if not self._attempt(self._send_batches, f"the metrics of epoch(s) {epochs} are {if_unreachable}"):
+            self.unreachable = True
+            return False
+        if self.unreachable:
+            logger.warning(f"MLflow answers again: sent the held-back metrics of epoch(s) {epochs}")
+            self.unreachable = False
+        return True
+
+    def _send_batches(self) -> None:
+        while self.held_back:
+            batch = self.held_back[:METRICS_PER_REQUEST]
+            self.client.log_batch(self.run_id, metrics=batch)
+            del self.held_back[:len(batch)]
+
+    def _hold_back(self, epoch: int, metrics: Mapping[str, float], timestamp: int) -> None:
         from mlflow.entities import Metric
 
+        self.held_back += [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
+
+    def _hold_back_missing(self, history: Sequence[Mapping[str, float]]) -> None:
+        """Hold back the epochs of `history` that the run lacks (logged at the current time: when they
+        were measured is not in the checkpoint)."""
+        logged = {metric.step for metric in self.client.get_metric_history(self.run_id, "epoch")}
+        missing = [record for record in history if int(record["epoch"]) not in logged]
         timestamp = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), timestamp, epoch)
-                                                    for key, value in metrics.items()])
-        self.client.log_figure(self.run_id, plots.learning_curves(history), "learning_curves.png")
-        self.client.log_figure(self.run_id, plots.confusion_matrix(confusion, class_names), "confusion_matrix.png")
+        for record in missing:
+            self._hold_back(int(record["epoch"]), record, timestamp)
+        if missing:
+            logger.warning(f"MLflow run {self.run_id} lacks epoch(s) {_epochs(self.held_back)} (held back when the "
+                           "workers stopped): sending them from the checkpoint")
+
+    def _attempt(self, send: Callable[[], Any], if_unreachable: str) -> bool:
+        """Run `send` with quick retries; if MLflow does not answer, warn (`if_unreachable` says what
+        follows) and return False. Other errors are raised."""
+        try:
+            with _quick_retries():
+                send()
+        except Exception as error:
+            if not _unreachable(error):
+                raise
+            logger.warning(f"MLflow unreachable ({_short(error)}): {if_unreachable}")
+            return False
+        return True
 
     @property
     def model_uri(self) -> str | None:
@@ -102,7 +178,10 @@ class RunTracker:
         return uri
 
     def finish(self, status: str = "FINISHED") -> None:
-        terminate_run(self.client, self.run_id, status)
+        """Send what is held back and end the run with `status`; with MLflow unreachable, warn instead
+        (the checkpoint keeps the epochs' metrics: running the run again sends them)."""
+        self._send_held_back(f"missing from MLflow run {self.run_id}: running the training run again sends them")
+        self._attempt(lambda: terminate_run(self.client, self.run_id, status), f"run {self.run_id} not marked {status}")
 
     @property
     def tags(self) -> dict[str, str]:
@@ -158,6 +237,39 @@ def terminate_run(client, run_id: str, status: str) -> None:
     """End a run without MLflow's "View run" line: it is built from the tracking URI, credentials included."""
     with contextlib.redirect_stdout(io.StringIO()):
         client.set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def _quick_retries() -> Iterator[None]:
+    """MLflow requests in this block use `QUICK_RETRIES` (unless the user set these variables)."""
+    added = {key: value for key, value in QUICK_RETRIES.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _unreachable(error: Exception) -> bool:
+    """True for an MLflow server that did not answer or answered 5xx/429: worth trying again later."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):  # MLflow wraps connection errors as INTERNAL_ERROR (500)
+        status = error.get_http_status_code()
+        return status >= 500 or status == 429
+    return isinstance(error, requests.RequestException)  # artifact uploads: HTTP errors, broken connections
+
+
+def _short(error: Exception, head: int = 100, tail: int = 100) -> str:
+    """The error's first line, its middle left out if long (MLflow's put the cause at the end)."""
+    line = (_USERINFO.sub("", str(error)).splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= head + tail + 5 else f"{line[:head]} ... {line[-tail:]}"
+
+
+def _epochs(metrics: Sequence) -> str:
+    return ", ".join(str(step) for step in sorted({metric.step for metric in metrics}))
 
 
 def _connect(experiment: str, tracking_uri: str | None):

@@ -120,7 +120,8 @@ def scaling_config(config: TrainConfig):
     import ray.train
 
     return ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                                   resources_per_worker=config.scaling.resources_per_worker)
+                                   resources_per_worker=config.scaling.resources_per_worker,
+                                   placement_strategy=config.scaling.placement_strategy)
 
 
 def report(result, run_url: str) -> None:

@@ -20,14 +20,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_prep.dataset import OnBadSample
 from data_prep.errors import UserError
 
 LR_REFERENCE_BATCH = 512
 # Fields that may change when a run is resumed: they do not alter what is computed.
 RESUMABLE_CHANGES = frozenset({
-    "data.loader_workers", "scaling.use_gpu", "scaling.resources_per_worker",
+    "data.loader_workers", "scaling.use_gpu", "scaling.resources_per_worker", "scaling.placement_strategy",
     "checkpoint.num_to_keep", "checkpoint.max_failures", "mlflow.log_model", "mlflow.tracking_uri",
-    "mlflow.parent_run_id",
+    "mlflow.parent_run_id", "data.on_bad_sample",
 })
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -73,6 +74,7 @@ class DataConfig(_Section):
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None  # default: the model's
     crop_pct: float | None = Field(None, gt=0.0, le=1.0)  # evaluation centre crop; default: the model's
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bicubic"
+    on_bad_sample: OnBadSample = "skip"  # skip: warn and count (metric skipped_samples); fail: stop the run
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
@@ -144,6 +146,7 @@ class ScalingConfig(_Section):
     num_workers: PositiveInt = 2
     use_gpu: bool = False  # NCCL between GPU workers, gloo between CPU workers
     resources_per_worker: dict[str, Annotated[float, Field(ge=0.0)]] | None = None  # default {"CPU": 1}
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
 
 
 class TrainConfig(_Section):

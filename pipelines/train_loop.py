@@ -29,11 +29,12 @@ from data_prep.dataset import PreparedDataset
 from pipelines.augment import EvalTransform, TrainTransform, normalize
 from pipelines.checkpointing import Checkpointer, RngState, TrainProgress
 from pipelines.evaluation import EvalTotals, broadcast_buffers, evaluate
-from pipelines.input_pipeline import ReaderLayout, SplitShards, eval_loader, train_loader
+from pipelines.input_pipeline import ReaderLayout, SplitShards, eval_loader, skipped_samples, train_loader
 from pipelines.mixing import Mixing
 from pipelines.model_packaging import ClassifierInfo
 from pipelines.optim import build_ema, build_optimizer, build_scheduler, copy_buffers
 from pipelines.sharding import steps_per_epoch
+from pipelines.step_timing import PhaseTimer
 from pipelines.tracking import RunTracker
 from pipelines.train_config import TrainConfig, flatten, to_yaml
 
@@ -45,6 +46,7 @@ class WorkerEnv:
     rank: int
     world_size: int
     device: torch.device
+    node_id: str = "local"  # the Ray node it runs on
 
     @classmethod
     def current(cls) -> WorkerEnv:
@@ -52,7 +54,8 @@ class WorkerEnv:
         import ray.train.torch
 
         context = ray.train.get_context()
-        return cls(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+        return cls(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                   ray.get_runtime_context().get_node_id())
 
 
 @dataclass
@@ -90,17 +93,22 @@ class EpochStats:
     steps: int = 0
     data_wait_s: float = 0.0
     elapsed_s: float = 0.0
+    forward_s: float = 0.0  # host-to-device copy, normalisation, mixing, forward pass and loss
+    backward_s: float = 0.0
+    optimizer_s: float = 0.0  # clipping, optimizer and scheduler steps, EMA update
 
     def all_reduced(self, device: torch.device) -> EpochStats:
         """Sums over ranks (steps: the most any rank ran)."""
         if not dist.is_initialized():
             return self
-        sums = torch.tensor([self.loss_sum, self.samples, self.data_wait_s, self.elapsed_s], dtype=torch.float64,
-                            device=device)
+        sums = torch.tensor([self.loss_sum, self.samples, self.data_wait_s, self.elapsed_s, self.forward_s,
+                             self.backward_s, self.optimizer_s], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
         steps = torch.tensor([self.steps], device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-        return EpochStats(sums[0].item(), int(sums[1].item()), int(steps.item()), sums[2].item(), sums[3].item())
+        loss_sum, samples, data_wait_s, elapsed_s, forward_s, backward_s, optimizer_s = sums.tolist()
+        return EpochStats(loss_sum, int(samples), int(steps.item()), data_wait_s, elapsed_s, forward_s, backward_s,
+                          optimizer_s)
 
 
 def train_worker(config_dict: dict) -> dict[str, str | None]:
@@ -162,6 +170,19 @@ def build_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
     """Optimisation state, restored from the latest checkpoint if any, then the DDP wrapper."""
     import ray.train.torch
 
+    training = fresh_training(config, env, model, micro_steps)
+    progress = training.progress
+    if training.checkpointer.restore_latest() and env.rank == 0:
+        logger.info(f"restored the checkpoint after epoch {progress.epoch} of {config.schedule.epochs} "
+                    f"(step {progress.step})")
+    if config.model.compile:
+        model.compile()
+    training.wrapped = ray.train.torch.prepare_model(model)
+    return training
+
+
+def fresh_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_steps: int) -> Training:
+    """Optimisation state from scratch, without Ray (`wrapped` is the model itself)."""
     torch.manual_seed(config.seed + env.rank + 1)  # distinct drop-path masks per rank
     random.seed(f"{config.seed}:{env.rank}")
     ema = build_ema(model, config.optim.ema_decay)
@@ -171,20 +192,16 @@ def build_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
     mixing_rng = random.Random(f"mixing:{config.seed}:{env.rank}")
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
               **({"ema": ema} if ema else {})}
-    checkpointer = Checkpointer(states, RngState(mixing_rng), env.rank, config.model_dump_json(indent=2))
-    checkpointer.restore_latest()
-    if config.model.compile:
-        model.compile()
     augment = config.data.augment
     use_bf16 = env.device.type == "cuda" and config.model.bf16
     return Training(
         model=model,
-        wrapped=ray.train.torch.prepare_model(model),
+        wrapped=model,
         ema=ema,
         optimizer=optimizer,
         scheduler=scheduler,
         progress=progress,
-        checkpointer=checkpointer,
+        checkpointer=Checkpointer(states, RngState(mixing_rng), env.rank, config.model_dump_json(indent=2)),
         mixing=Mixing(model.num_classes, augment.mixup_alpha, augment.cutmix_alpha,
                       augment.mix_prob, augment.switch_prob),
         mixing_rng=mixing_rng,
@@ -199,7 +216,7 @@ def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress
                "derived.val_samples": data.val.total, "derived.num_classes": len(data.class_names)}
     tracker = RunTracker.attach(config.name, config.mlflow.experiment, config.mlflow.tracking_uri,
                                 progress.mlflow_run_id, {**flatten(config), **derived}, to_yaml(config),
-                                parent_run_id=config.mlflow.parent_run_id)
+                                parent_run_id=config.mlflow.parent_run_id, history=progress.history)
     progress.mlflow_run_id = tracker.run_id
     return tracker
 
@@ -208,10 +225,14 @@ def run_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Tr
               tracker: RunTracker | None, epoch: int) -> None:
     start = time.perf_counter()
     loader = train_loader(data.train, data.layout, data.train_transform, config.data.batch_size,
-                          config.data.shuffle_buffer, config.seed, epoch)
+                          config.data.shuffle_buffer, config.seed, epoch, config.data.on_bad_sample)
+    log_placement(config, env, epoch, loader.dataset.describe())
     stats = train_epoch(config, env, data, training, loader).all_reduced(env.device)
+    skipped = summed_over_ranks(skipped_samples(loader), env.device)
     evaluations = validate(config, env, data, training)
     metrics = epoch_metrics(epoch, env, training, stats, evaluations, time.perf_counter() - start)
+    # bad samples (see input_pipeline): training replaced them; validation covers every sample once
+    metrics.update(skipped_samples=skipped, val_skipped_samples=data.val.total - evaluations["val"].count)
     training.progress.complete_epoch(metrics)
     if tracker:
         logger.info(console_line(metrics, config.schedule.epochs))
@@ -220,26 +241,47 @@ def run_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Tr
     training.checkpointer.report(metrics)
 
 
+def log_placement(config: TrainConfig, env: WorkerEnv, epoch: int, reading: str) -> None:
+    """Rank 0 logs, per rank, the node it runs on and what it reads this epoch. Gathered rather than
+    logged by each rank: of lines of the same shape that several workers log within seconds, Ray's
+    log deduplication shows one."""
+    line = f"rank {env.rank} on node {env.node_id[:8]} reads {reading}"
+    lines = [line]
+    if dist.is_initialized():
+        lines = [None] * env.world_size
+        dist.all_gather_object(lines, line)
+    if env.rank == 0:
+        for rank_line in lines:
+            logger.info(f"epoch {epoch + 1}/{config.schedule.epochs}: {rank_line}")
+
+
 def train_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Training,
                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> EpochStats:
     stats = EpochStats()
     steps, accumulation = data.steps_per_epoch, config.optim.accumulation_steps
     training.wrapped.train()
+    phases = PhaseTimer(env.device)
     start = time.perf_counter()
     for index, (images, labels) in enumerate(_timed(batches, stats)):
+        phases.start()
         inputs, targets = training.mixing(data.prepare(images.to(env.device, non_blocking=True)),
                                           labels.to(env.device, non_blocking=True), training.mixing_rng)
         group_size, ends_group = accumulation_group(index, steps, accumulation)
         with _gradient_sync(training.wrapped, ends_group):
             with training.autocast():
                 loss = training.criterion(training.wrapped(inputs), targets)
+            phases.lap("forward")
             (loss / group_size).backward()
+        phases.lap("backward")
         if ends_group:
             optimizer_step(training, config.optim.grad_clip_norm)
+            phases.lap("optimizer")
         stats.loss_sum += loss.item() * len(labels)
         stats.samples += len(labels)
         stats.steps += 1
     stats.elapsed_s = time.perf_counter() - start
+    stats.forward_s, stats.backward_s, stats.optimizer_s = (phases.seconds(p) for p in ("forward", "backward",
+                                                                                          "optimizer"))
     if stats.steps != steps:
         raise RuntimeError(f"rank {env.rank} ran {stats.steps} steps, expected {steps}: the shard plan is broken")
     return stats
@@ -271,7 +313,8 @@ def validate(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Tra
     if training.ema is not None:
         copy_buffers(training.model, training.ema.module)
         models["val_ema"] = training.ema.module
-    loader = eval_loader(data.val, data.layout, data.eval_transform, config.data.batch_size)
+    loader = eval_loader(data.val, data.layout, data.eval_transform, config.data.batch_size,
+                         config.data.on_bad_sample)
     with training.autocast():
         totals = evaluate(models, loader, data.prepare, len(data.class_names), env.device)
     return {name: total.all_reduced(env.device) for name, total in totals.items()}
@@ -279,8 +322,10 @@ def validate(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Tra
 
 def epoch_metrics(epoch: int, env: WorkerEnv, training: Training, stats: EpochStats,
                   evaluations: dict[str, EvalTotals], epoch_time_s: float) -> dict[str, float]:
-    """`stats` are summed over ranks: throughput is global samples over the mean rank's time."""
+    """`stats` are summed over ranks: throughput is global samples over the mean rank's time; the
+    phase times are means per (micro-)step and rank."""
     elapsed_sum = max(stats.elapsed_s, 1e-9)
+    ms_per_step = 1000 / max(stats.steps * env.world_size, 1)
     metrics = {
         "epoch": epoch + 1,
         "step": training.progress.step,
@@ -289,6 +334,10 @@ def epoch_metrics(epoch: int, env: WorkerEnv, training: Training, stats: EpochSt
         "train_steps": stats.steps,
         "images_per_s": stats.samples * env.world_size / elapsed_sum,
         "data_wait_frac": stats.data_wait_s / elapsed_sum,
+        "data_wait_ms": stats.data_wait_s * ms_per_step,
+        "forward_ms": stats.forward_s * ms_per_step,
+        "backward_ms": stats.backward_s * ms_per_step,
+        "optimizer_ms": stats.optimizer_s * ms_per_step,
         "epoch_time_s": epoch_time_s,
     }
     for name, totals in evaluations.items():
@@ -296,13 +345,22 @@ def epoch_metrics(epoch: int, env: WorkerEnv, training: Training, stats: EpochSt
     return metrics
 
 
+def summed_over_ranks(count: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return count
+    total = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def console_line(metrics: dict[str, float], epochs: int) -> str:
     ema = f"  ema_top1 {metrics['val_ema_top1']:.2%}" if "val_ema_top1" in metrics else ""
+    skipped = metrics.get("skipped_samples", 0) + metrics.get("val_skipped_samples", 0)
     return (f"epoch {metrics['epoch']}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
             f"val_loss {metrics['val_loss']:.4f}  val_top1 {metrics['val_top1']:.2%}  "
             f"val_top5 {metrics['val_top5']:.2%}{ema}  lr {metrics['lr']:.2e}  "
             f"{metrics['images_per_s']:,.0f} img/s  {metrics['epoch_time_s']:.1f} s  "
-            f"data wait {metrics['data_wait_frac']:.0%}")
+            f"data wait {metrics['data_wait_frac']:.0%}" + (f"  skipped {skipped:.0f} bad samples" if skipped else ""))
 
 
 def finish(config: TrainConfig, training: Training, data: DataSetup, tracker: RunTracker) -> dict[str, str | None]:

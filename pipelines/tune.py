@@ -71,7 +71,7 @@ def tune_command(args: argparse.Namespace) -> int:
 
 
 def launch(sweep: Sweep, resume: bool) -> int:
-    """Run (or resume) the sweep; 1 when it stopped unfinished or no trial completed, else 0."""
+    """Run (or resume) the sweep; 1 when it stopped unfinished, a trial failed or none completed, else 0."""
     import ray
 
     from pipelines.run_storage import RunStorage
@@ -84,12 +84,21 @@ def launch(sweep: Sweep, resume: bool) -> int:
     concurrency = derive_concurrency(ray.cluster_resources(), trial_resources(sweep), sweep.config.search.num_samples,
                                      sweep.config.max_concurrent_trials)
     print(describe(sweep), concurrency.explanation, sep="\n", flush=True)
+    print(f"checkpoints: {storage.run_url(sweep.name)} (the sweep), {storage.run_url(sweep.name)}-<trial id> "
+          "(its trials' training runs)", flush=True)
     tracker = attach_sweep_run(sweep, concurrency, resume)
     results = build_tuner(sweep, storage, tracker.run_id, concurrency, resume).fit()
     if results.num_terminated + results.num_errors < sweep.config.search.num_samples:
         print(f"sweep {sweep.name} stopped before all its trials ended: continue it with --resume", flush=True)
         return 1
-    return 0 if finish(sweep, tracker, trial_rows(sweep, results)) else 1
+    rows = trial_rows(sweep, results)
+    best = finish(sweep, tracker, rows)
+    failed = [row["trial_id"] for row in rows if row["status"] == "error"]
+    if failed:  # as Tune's own `raise_on_failed_trial`: a sweep with failed trials did not succeed
+        print(f"sweep {sweep.name}: {len(failed)} trial(s) failed ({', '.join(failed)}; their errors are above): "
+              "run them again with --resume", flush=True)
+        return 1
+    return 0 if best else 1
 
 
 def check_experiment(sweep: Sweep, storage: RunStorage, resume: bool) -> None:

@@ -5,7 +5,8 @@ cluster/Dockerfile and the "Deploying to a cluster" section of cluster/README.md
 checked with the validator of the tool that consumes it where one is installed (Ray's runtime_env
 parsing and packaging, Ray's cluster-config schema, `ray start`'s and `mlflow server`'s own option
 parsers, botocore's RunInstances model), and against pyproject.toml and the other assets: one
-image, one Ray version, one region, the same job environment everywhere, secrets only by reference.
+image, one Ray version, one region, one runtime env for every cluster with the services' addresses
+in every node's environment (the embedded stack's included), secrets only by reference.
 
 Fast and offline: nothing is started, nothing is fetched.
 """
@@ -48,10 +49,10 @@ IMAGE_REPOSITORY = "vitae-pipeline"  # the last path component of the project im
 THIRD_PARTY_IMAGES = {"postgres"}  # repositories of images the project does not build
 S3_CREDENTIALS_SECRET = "vitae-s3-credentials"
 
-# Job modules that `ray job submit -- python -m pipelines.<job>` and the RayJob may name before their
-# file lands (issue 6: train, tune, promote, evaluate are being written). A module that is neither a
-# file in the repository nor listed here fails the tests; drop an entry once its file exists.
-PLANNED_JOB_MODULES = {"pipelines.train", "pipelines.tune", "pipelines.promote", "pipelines.evaluate"}
+# The services' addresses: node configuration that every Ray node of every cluster carries (the
+# embedded stack's head too), and that the job runtime env must therefore never set (it would
+# override them). AWS_ENDPOINT_URL_S3 joins them on clusters that use an S3-compatible store.
+NODE_SERVICE_VARIABLES = {"MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION"}
 
 # Runtime-env variables the Python interpreter reads.
 INTERPRETER_VARIABLES = {"PYTHONUNBUFFERED"}
@@ -169,9 +170,8 @@ def module_exists(module: str) -> bool:
 
 
 def assert_known_module(module: str, where: str) -> None:
-    assert module_exists(module) or module in PLANNED_JOB_MODULES, (
-        f"{where} runs `python -m {module}`, but there is no {module.replace('.', '/')}.py in the "
-        f"repository and it is not a planned job module ({sorted(PLANNED_JOB_MODULES)})"
+    assert module_exists(module), (
+        f"{where} runs `python -m {module}`, but there is no {module.replace('.', '/')}.py in the repository"
     )
 
 
@@ -273,13 +273,71 @@ def test_runtime_env_is_what_ray_job_submit_accepts():
     assert validated["env_vars"], "runtime_env.yaml passes the job's configuration as env_vars"
 
 
-def test_runtime_env_carries_addresses_but_no_secrets():
+def aws_node_env() -> dict[str, str]:
+    """The environment aws-cluster.yaml gives the container of every node, head and workers."""
+    env, _ = docker_options(aws_config()["docker"]["run_options"])
+    return env
+
+
+def kuberay_node_envs() -> dict[str, dict[str, str]]:
+    """The literal `env` of every Ray container (head and worker groups) of the RayCluster and RayJob."""
+    envs = {}
+    for file, document in kuberay_documents():
+        if document["kind"] not in ("RayCluster", "RayJob"):
+            continue
+        for where, pod in pod_specs(document):
+            for container in pod["containers"]:
+                if container["name"].startswith("ray-"):
+                    envs[f"{file} {where}"] = {item["name"]: item["value"] for item in container.get("env", [])
+                                               if "value" in item}
+    return envs
+
+
+def embedded_stack_node_env() -> dict[str, str]:
+    """What `vitae stack up` hands every Ray process of its head (cluster.stack.service_env)."""
+    from cluster.stack import ServiceRecord, StackSettings, StackState, service_env
+
+    state = StackState.new(StackSettings())
+    state.services = {"s3": ServiceRecord({"s3": 9000}), "mlflow": ServiceRecord({"mlflow": 5000})}
+    return service_env(state)
+
+
+def node_envs() -> dict[str, dict[str, str]]:
+    """Every kind of Ray node's environment, by where it is defined."""
+    return {"aws-cluster.yaml docker.run_options": aws_node_env(), **kuberay_node_envs(),
+            "the embedded stack's Ray head": embedded_stack_node_env()}
+
+
+def test_runtime_env_overrides_no_node_configuration_and_holds_no_secrets():
+    """A runtime env's env_vars override the node's environment: a service address set there would
+    send the jobs of every other cluster, the embedded stack's included, to the wrong service."""
     env_vars = job_env_vars()
-    assert {"MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION"} <= set(env_vars)
+    for where, env in node_envs().items():
+        overridden = set(env_vars) & (set(env) | NODE_SERVICE_VARIABLES | {"AWS_ENDPOINT_URL_S3"})
+        assert not overridden, f"runtime_env.yaml sets {sorted(overridden)}, node configuration ({where})"
     for name, value in env_vars.items():
         assert not SECRET_NAME.search(name), f"{name} looks like a credential: never put one in runtime_env"
         assert not urlsplit(value).password, f"{name} embeds credentials in its URL"
-    assert urlsplit(env_vars["MLFLOW_TRACKING_URI"]).scheme in ("http", "https")
+
+
+def test_every_ray_node_carries_the_services_addresses():
+    envs = node_envs()
+    assert len(kuberay_node_envs()) >= 4, "the heads and GPU groups of the RayCluster and the RayJob"
+    for where, env in envs.items():
+        missing = NODE_SERVICE_VARIABLES - set(env)
+        assert not missing, f"{where}: {sorted(missing)} not in the node's environment"
+        tracking = urlsplit(env["MLFLOW_TRACKING_URI"])
+        assert tracking.scheme in ("http", "https") and tracking.hostname, f"{where}: {tracking.geturl()}"
+        assert not tracking.password, f"{where}: MLflow credentials come from a Secret, not the URI"
+    distinct = {tuple(sorted(env.items())) for env in kuberay_node_envs().values()}
+    assert len(distinct) == 1, f"the Ray containers of the KubeRay clusters disagree: {kuberay_node_envs()}"
+    # aws-cluster.yaml: set once in run_options for every node, not per node type.
+    config = aws_config()
+    per_type = [config["docker"].get("head_run_options", [])] + [
+        node_type.get("docker", {}).get("worker_run_options", []) for node_type in config["available_node_types"].values()
+    ]
+    for options in per_type:
+        assert not NODE_SERVICE_VARIABLES & set(docker_options(options)[0]), f"set per node type: {options}"
 
 
 def variables_read_by_the_jobs() -> set[str]:
@@ -301,10 +359,14 @@ def variables_read_by_the_jobs() -> set[str]:
     return names | INTERPRETER_VARIABLES
 
 
-def test_runtime_env_variables_are_read_by_the_jobs():
+def test_runtime_env_and_node_variables_are_read_by_the_jobs():
     """A variable renamed in the code (or one nothing reads) would silently configure nothing."""
-    unread = set(job_env_vars()) - variables_read_by_the_jobs()
+    read = variables_read_by_the_jobs()
+    unread = set(job_env_vars()) - read
     assert not unread, f"runtime_env.yaml sets {sorted(unread)}, which neither the project nor its libraries read"
+    for where, env in {"aws-cluster.yaml docker.run_options": aws_node_env(), **kuberay_node_envs()}.items():
+        unread = {name for name in env if not name.startswith("RAY_")} - read  # RAY_*: Ray's own
+        assert not unread, f"{where} sets {sorted(unread)}, which neither the project nor its libraries read"
 
 
 def test_rayignore_and_runtime_env_excludes_agree():
@@ -478,7 +540,7 @@ def test_aws_region_is_the_same_everywhere():
     region = config["provider"]["region"]
     env, _ = docker_options(config["docker"]["run_options"])
     assert env["AWS_DEFAULT_REGION"] == region
-    assert job_env_vars()["AWS_DEFAULT_REGION"] == region
+    assert {env["AWS_DEFAULT_REGION"] for env in kuberay_node_envs().values()} == {region}
     for command in config["initialization_commands"]:
         assert set(re.findall(r"--region[= ](\S+)", command)) <= {region}
     registry = re.match(r"\d+\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com/", config["docker"]["image"])
@@ -630,10 +692,10 @@ def test_mlflow_server_postgresql_backend_from_secret_and_s3_artifacts():
         assert env[variable]["valueFrom"]["secretKeyRef"] == container_env(db)[variable]["valueFrom"]["secretKeyRef"]
 
 
-def test_mlflow_is_reachable_at_the_jobs_tracking_uri():
+def test_mlflow_is_reachable_at_the_nodes_tracking_uri():
     from mlflow.server.security_utils import is_allowed_host_header
 
-    tracking = urlsplit(job_env_vars()["MLFLOW_TRACKING_URI"])
+    (tracking,) = {urlsplit(env["MLFLOW_TRACKING_URI"]) for env in kuberay_node_envs().values()}
     service = the("Service", "mlflow")
     assert tracking.hostname == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
     (port,) = service["spec"]["ports"]

@@ -3,7 +3,6 @@ to the session's own Ray head, which it must leave alone; and the session fixtur
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cluster.ray_head import ray_head_healthy, ray_temp_dir
+from tests.listening import is_loopback, listening_addresses
 
 REPO = Path(__file__).resolve().parents[1]
 STACK_NUM_CPUS = 4
@@ -156,22 +156,9 @@ def test_ray_init_with_stack_env_address(stack, tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
 def test_services_listen_on_loopback_only(stack):
-    inodes = set()
-    for pid in session_members(list(recorded_pids(stack.directory).values())):
-        for fd in Path(f"/proc/{pid}/fd").glob("*"):
-            with contextlib.suppress(OSError):  # the process or descriptor may be gone by now
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:["):-1])
-    listening = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            fields = row.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                listening.append(fields[1].split(":")[0])
-    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    listening = listening_addresses(session_members(list(recorded_pids(stack.directory).values())))
     assert len(listening) >= 10  # S3, MLflow, and Ray's many servers
-    assert set(listening) <= loopback
+    assert [str(address) for address, _ in listening if not is_loopback(address)] == []
 
 
 def test_up_again_reuses_the_running_stack(stack):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pipelines.tracking import RUN_NAME_TAG
 from pipelines.train_config import TrainConfig
 from pipelines.train_loop import WorkerEnv, build_data, build_model
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
-from tests.train_helpers import prepare_dataset, tiny_config, write_config
+from tests.train_helpers import prepare_dataset, ray_job, tiny_config, train_entrypoint, write_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -67,19 +66,6 @@ class Scenario:
         """Epoch -> the last value logged for it."""
         return {m.step: m.value for m in sorted(MlflowClient().get_metric_history(self.run.info.run_id, key),
                                                 key=lambda m: m.timestamp)}
-
-
-def ray_job(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", *args],
-                          capture_output=True, text=True, timeout=480)
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def train_entrypoint(config_path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.train", "--config", str(config_path),
-            *(part for item in overrides for part in ("--set", item))]
 
 
 def stop_after_first_checkpoint(submission_id: str, storage_url: str, timeout_s: float = 240) -> str:

@@ -44,7 +44,8 @@ def minimal(**sections) -> dict:
 
 
 @pytest.mark.parametrize("path", [path for path in sorted((REPO / "configs").glob("*.yaml"))
-                                  if not path.name.endswith("_sweep.yaml")],  # sweep configs: test_tune
+                                  # sweep configs: test_tune; promotion configs: test_cluster_jobs
+                                  if not path.name.endswith(("_sweep.yaml", "_promote.yaml"))],
                          ids=lambda p: p.name)
 def test_example_configs_validate(path):
     config = load_config(path)

@@ -1,9 +1,13 @@
-"""Shared by the training tests: small generated datasets and configs for a tiny model."""
+"""Shared by the training tests: small generated datasets and configs for a tiny model, and the
+`ray job` CLI that submits them."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
+from typing import Mapping
 
 import yaml
 from PIL import Image, ImageDraw
@@ -66,6 +70,22 @@ def tiny_config(run_name: str, data_url: str, storage_path: str, **sections) -> 
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def ray_job(*args: str, check: bool = True, cwd: Path | None = None,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real `ray job` CLI (RAY_API_SERVER_ADDRESS and the token come from `env`, by default the
+    environment), run in `cwd` (where `--working-dir .` and `--runtime-env FILE` are read)."""
+    done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", *args],
+                          capture_output=True, text=True, timeout=480, cwd=cwd, env=env)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def train_entrypoint(config_path: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.train", "--config", str(config_path),
+            *(part for item in overrides for part in ("--set", item))]
 
 
 def all_reduce_totals(rank: int, init_file: str, parts: list, num_classes: int, out: str) -> None:

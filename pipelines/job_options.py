@@ -1,0 +1,67 @@
+"""Typed options of the job entrypoints whose settings are flags, `pipelines.promote` and
+`pipelines.evaluate`, so that they run as `python -m pipelines.<job> --config FILE` like
+`pipelines.train` and `pipelines.tune` (the form every `ray job submit` uses).
+
+`--config FILE` is YAML holding the flags' values under their names (`lock_url` for `--lock-url`);
+a flag given on the command line overrides the file. As with the training config, an unknown key
+or a bad value is one `UserError` line naming it. The commands' parsers leave every flag at None
+when it is not given, so that a flag never hides a value of the file; the defaults live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from data_prep.errors import UserError
+from pipelines.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_LOADER_WORKERS
+from pipelines.promote import METRICS
+from pipelines.train_config import first_problem, read_yaml
+
+DEFAULT_SPLIT = "test"
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PromoteOptions(_Options):
+    model: str = Field(min_length=1)  # the registered model's name
+    version: PositiveInt | None = None  # None: the version aliased @challenger
+    data: str | None = None  # None: the challenger version's dataset_url tag
+    split: str = DEFAULT_SPLIT
+    metric: Literal[METRICS] = "top1"
+    margin: float = Field(0.0, ge=0.0)
+    lock_url: str | None = None  # None: s3://$VITAE_CHECKPOINT_BUCKET
+    rollback: bool = False
+
+
+class EvaluateOptions(_Options):
+    model: str = Field(min_length=1)  # an MLflow model URI
+    data: str = Field(min_length=1)  # a prepared dataset
+    split: str = DEFAULT_SPLIT
+    output: str | None = None  # a directory or an s3:// prefix; None: evaluations/<model>-<split>
+    batch_size: PositiveInt = DEFAULT_BATCH_SIZE
+    loader_workers: int = Field(DEFAULT_LOADER_WORKERS, ge=0)
+
+
+Options = TypeVar("Options", bound=_Options)
+
+
+def resolve_options(args: argparse.Namespace, options: type[Options]) -> Options:
+    """The file's values (if `--config`) overridden by the flags given, validated."""
+    raw = read_yaml(Path(args.config)) if args.config else {}
+    given = {name: value for name in options.model_fields if (value := getattr(args, name, None)) is not None}
+    try:
+        return options.model_validate({**raw, **given})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        if problem["type"] == "missing":
+            name = problem["loc"][0]
+            raise UserError(f"--{name.replace('_', '-')} is required (the flag, or `{name}:` in the --config file)"
+                            ) from None
+        source = f" (flags and {args.config})" if args.config else ""
+        raise UserError(f"invalid options{source}: {first_problem(error)}") from None
