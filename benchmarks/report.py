@@ -3,6 +3,7 @@ last line is the headline."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Sequence, TypeVar
 
@@ -30,7 +31,8 @@ def best_of_rounds(measures: dict[str, Callable[[], Result]], rounds: int, score
 
 def print_table(title: str, rows: Sequence[Sequence[str]], headline: str, notes: Sequence[str] = ()) -> None:
     """`title`, then `rows` (the first is the header) in aligned columns (the first left-aligned,
-    the others right-aligned), then `notes`, then `headline: ...` as the last line."""
+    the others right-aligned), then `notes` and the machine's load, then `headline: ...` as the last
+    line."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     print(title)
     for row in rows:
@@ -39,4 +41,6 @@ def print_table(title: str, rows: Sequence[Sequence[str]], headline: str, notes:
         print("  ".join(cells).rstrip())
     for note in notes:
         print(note)
+    print(f"load average at the end (1 / 5 / 15 min): {' / '.join(f'{load:.1f}' for load in os.getloadavg())} "
+          f"on {os.cpu_count()} cores")
     print(f"headline: {headline}", flush=True)

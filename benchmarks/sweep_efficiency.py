@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ EXPERIMENT = "benchmarks"
 @dataclass
 class SweepOutcome:
     wall_s: float
+    load: float  # the machine's 5-minute load average when the sweep ended
     trial_epochs: int
     trials: list[dict]  # the sweep's trial table (trials.csv): sampled values, epochs, metrics, status
     best: dict | None  # its row of the best trial
@@ -70,7 +72,7 @@ def read_outcome(sweep_name: str, wall_s: float) -> SweepOutcome:
     trials = pandas.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/trials.csv")))
     rows = trials.to_dict("records")
     best_id = run.data.tags.get("vitae.best_trial")
-    return SweepOutcome(wall_s, int(run.data.metrics["trial_epochs"]), rows,
+    return SweepOutcome(wall_s, os.getloadavg()[1], int(run.data.metrics["trial_epochs"]), rows,
                         next((row for row in rows if row["trial_id"] == best_id), None))
 
 
@@ -105,11 +107,12 @@ def main() -> None:
         configuration(row, space) for row in fifo.trials)
     same_best = asha.best is not None and configuration(asha.best, space) == configuration(fifo.best, space)
     settings = sweep.config.asha
-    rows = [("sweep", "wall s", "trial-epochs", "stopped early", "best configuration", "its val_top1")]
+    rows = [("sweep", "wall s", "load (5 min)", "trial-epochs", "stopped early", "best configuration",
+             "its val_top1")]
     for label, outcome in ((f"ASHA (grace {settings.grace_period}, reduction {settings.reduction_factor:g})", asha),
                            ("every trial to completion", fifo)):
         stopped = sum(row["status"] == "stopped early" for row in outcome.trials)
-        rows.append((label, f"{outcome.wall_s:.0f}", str(outcome.trial_epochs), str(stopped),
+        rows.append((label, f"{outcome.wall_s:.0f}", f"{outcome.load:.1f}", str(outcome.trial_epochs), str(stopped),
                      describe(outcome.best, space), f"{outcome.best['val_top1']:.2%}" if outcome.best else "-"))
     print_table(f"\ndigits sweep ({CONFIG.name}: its search space, seed {sweep.config.search.seed}), {args.samples} "
                 f"trials of up to {args.epochs} epochs, vitae_t @ {args.digits_size} px, {args.workers_per_trial} "

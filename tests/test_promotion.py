@@ -57,7 +57,7 @@ def promote(capsys, model_name: str, lock_bucket: str, *options: str) -> str:
     """The decision line `vitae promote` prints (the next one says where it was logged)."""
     assert main(["promote", "--model", model_name, "--lock-url", f"s3://{lock_bucket}", *options]) == 0
     decision, logged = capsys.readouterr().out.splitlines()
-    assert logged == f"logged to the MLflow experiment promotions/{model_name}"
+    assert logged == f"logged to the MLflow experiment promotions/{model_name} at {os.environ['MLFLOW_TRACKING_URI']}"
     return decision
 
 
