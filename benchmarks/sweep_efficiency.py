@@ -24,6 +24,8 @@ from benchmarks.environment import embedded_stack
 from benchmarks.report import print_table, timed
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
+from pipelines.sweep_config import Sweep, load_sweep
+from pipelines.tune import launch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_sweep.yaml"
 EXPERIMENT = "benchmarks"
@@ -38,12 +40,10 @@ class SweepOutcome:
     best: dict | None  # its row of the best trial
 
 
-def run_sweep(name: str, asha: bool, args: argparse.Namespace, data_url: str, checkpoint_bucket: str):
+def run_sweep(name: str, asha: bool, args: argparse.Namespace, data_url: str, checkpoint_bucket: str
+              ) -> tuple[Sweep, SweepOutcome]:
     """Run one sweep to its end; (its config, what its MLflow run says of it)."""
-    import ray
-
-    from pipelines.sweep_config import load_sweep
-    from pipelines.tune import launch
+    import ray  # only now: Ray reads the stack's authentication settings when first imported
 
     sweep = load_sweep(CONFIG, [
         f"name={name}", f"overrides.data.url={data_url}", f"overrides.model.img_size={args.digits_size}",

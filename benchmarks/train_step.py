@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from mlflow import MlflowClient
 
 from benchmarks.environment import embedded_stack
 from benchmarks.report import print_table, timed
@@ -33,6 +34,8 @@ from data_prep.dataset import PreparedDataset
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
 from pipelines.input_pipeline import train_loader
+from pipelines.run_storage import RunStorage
+from pipelines.train import fit
 from pipelines.train_config import TrainConfig, load_config
 from pipelines.train_loop import WorkerEnv, build_data, build_model, epoch_metrics, fresh_training, train_epoch
 
@@ -59,11 +62,6 @@ def plain_loop(config: TrainConfig) -> list[dict[str, float]]:
 
 def ray_job(config: TrainConfig) -> tuple[list[dict[str, float]], float, float]:
     """(per-epoch metrics as logged to MLflow, fit() seconds, seconds from fit() to the MLflow run)."""
-    from mlflow import MlflowClient
-
-    from pipelines.run_storage import RunStorage
-    from pipelines.train import fit
-
     storage = RunStorage.open(config.checkpoint.storage_path)
     called_at = time.time()
     fit_s, result = timed(lambda: fit(config, storage))

@@ -334,7 +334,8 @@ def test_every_ray_node_carries_the_services_addresses():
     # aws-cluster.yaml: set once in run_options for every node, not per node type.
     config = aws_config()
     per_type = [config["docker"].get("head_run_options", [])] + [
-        node_type.get("docker", {}).get("worker_run_options", []) for node_type in config["available_node_types"].values()
+        node_type.get("docker", {}).get("worker_run_options", [])
+        for node_type in config["available_node_types"].values()
     ]
     for options in per_type:
         assert not NODE_SERVICE_VARIABLES & set(docker_options(options)[0]), f"set per node type: {options}"
