@@ -35,25 +35,28 @@ def generate_jpegs(root: Path, count: int, side: int, classes: int = 10) -> None
 @contextlib.contextmanager
 def exit_on_sigterm() -> Iterator[None]:
     """SIGTERM (from `timeout`, say) ends this process through its `finally` blocks, which stop the
-    services it started, instead of killing it on the spot."""
+    services it started, instead of killing it on the spot. Before they run, the handler PyTorch's
+    DataLoader sets for SIGCHLD is removed: DataLoader workers killed by the same signal (`timeout`
+    signals the whole process group) would otherwise raise into the teardown and cut it short."""
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         yield
     finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
 def s3_server(bucket: str) -> Iterator[str]:
     """A moto S3 server with `bucket`; this process's S3 settings point at it. Yields the endpoint."""
-    with exit_on_sigterm():
-        server = start_s3_server()
-        try:
+    server = start_s3_server()
+    try:
+        with exit_on_sigterm():
             os.environ.update(AWS_ENDPOINT_URL_S3=server.endpoint, AWS_DEFAULT_REGION=REGION, **BENCHMARK_CREDENTIALS)
             create_buckets(server.endpoint, [bucket], *BENCHMARK_CREDENTIALS.values())
             yield server.endpoint
-        finally:
-            server.stop()
+    finally:
+        server.stop()
 
 
 @contextlib.contextmanager
@@ -64,16 +67,16 @@ def embedded_stack(directory: Path, num_cpus: int = 8) -> Iterator[dict[str, str
     if "ray" in sys.modules:
         raise RuntimeError("ray was imported before the stack's Ray settings were in the environment")
     stack = Stack(directory)
-    with exit_on_sigterm():
-        try:
+    try:
+        with exit_on_sigterm():
             print("starting the embedded stack (S3, MLflow, Ray head) ...", flush=True)
             stack.up({"num_cpus": num_cpus})
             env = client_env(stack.load())
             os.environ.update(env)
             yield env
-        finally:
-            ray = sys.modules.get("ray")
-            if ray is not None and ray.is_initialized():
-                ray.shutdown()  # a driver left connected would outlive its cluster, noisily
-            stack.down()
-            shutil.rmtree(ray_temp_dir(directory), ignore_errors=True)
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # a driver left connected would outlive its cluster, noisily
+        stack.down()
+        shutil.rmtree(ray_temp_dir(directory), ignore_errors=True)
