@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from cluster.ray_head import ray_temp_dir
+from cluster.ray_head import disconnect_driver, ray_temp_dir
 from cluster.s3_server import REGION, create_buckets, start_s3_server
 from cluster.stack import Stack, client_env
 
@@ -75,8 +75,6 @@ def embedded_stack(directory: Path, num_cpus: int = 8) -> Iterator[dict[str, str
             os.environ.update(env)
             yield env
     finally:
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()  # a driver left connected would outlive its cluster, noisily
+        disconnect_driver()
         stack.down()
         shutil.rmtree(ray_temp_dir(directory), ignore_errors=True)

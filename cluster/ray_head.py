@@ -133,6 +133,14 @@ def ray_client_env(ports: Mapping[str, int], auth_token: str | None, host: str =
     }
 
 
+def disconnect_driver() -> None:
+    """Disconnect this process's Ray driver, if it has one: a driver left connected would outlive
+    its cluster, noisily."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def ray_temp_dir(owner: Path) -> Path:
     """A short per-owner directory for a node's session files.
 

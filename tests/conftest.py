@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import sys
 from typing import Iterator, Mapping
 
 import pytest
@@ -22,6 +21,7 @@ from cluster.net import free_port, free_ports
 from cluster.ray_head import (
     PORT_NAMES,
     SINGLE_MACHINE_ENV,
+    disconnect_driver,
     ray_auth_env,
     ray_client_env,
     ray_temp_dir,
@@ -103,8 +103,6 @@ def ray_cluster(tmp_path_factory, s3_endpoint, mlflow_server):
         with _environ(ray_client_env(ports, RAY_AUTH_TOKEN)):
             yield head
     finally:
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()  # a driver left connected would outlive its cluster, noisily
+        disconnect_driver()
         head.stop()
         shutil.rmtree(ray_temp_dir(home), ignore_errors=True)
