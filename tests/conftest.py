@@ -29,9 +29,11 @@ from cluster.ray_head import (
 )
 from cluster.s3_server import start_s3_server
 
-# Planted, fake credentials: security tests grep logs and artifacts for these exact values.
-TEST_ACCESS_KEY = "AKIATESTPLANTEDKEY01"
-TEST_SECRET_KEY = "planted-secret-9f3c2a7e-do-not-log"
+# Planted, fake credentials: security tests grep logs and artifacts for these exact values. Drawn at
+# import, like the Ray token, so that they exist only at run time: a copy of this file (a job's
+# uploaded working directory holds one) cannot pass for a leak.
+TEST_ACCESS_KEY = "AKIATEST" + secrets.token_hex(6).upper()
+TEST_SECRET_KEY = "planted-secret-" + secrets.token_hex(12)
 
 RAY_NUM_CPUS = 8  # logical CPUs: multi-worker Train runs fit on a 2-core machine
 
