@@ -17,7 +17,7 @@ from PIL import Image
 
 from cluster.ray_head import disconnect_driver, ray_temp_dir
 from cluster.s3_server import REGION, create_buckets, start_s3_server
-from cluster.stack import Stack, client_env
+from cluster.stack import Stack
 
 BENCHMARK_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark"}
 
@@ -71,9 +71,7 @@ def embedded_stack(directory: Path, num_cpus: int = 8) -> Iterator[dict[str, str
         with exit_on_sigterm():
             print("starting the embedded stack (S3, MLflow, Ray head) ...", flush=True)
             stack.up({"num_cpus": num_cpus})
-            env = client_env(stack.load())
-            os.environ.update(env)
-            yield env
+            yield stack.use_in_this_process()
     finally:
         disconnect_driver()
         stack.down()

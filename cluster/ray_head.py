@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 from cluster import processes
+from cluster.credentials import CREDENTIALS_FILE_VARIABLE, without_credential_variables
 from cluster.net import LOOPBACK, http_ok, wait_until
 
 # `ray start` options that take a port: those of the head only, then those of every node.
@@ -177,7 +178,8 @@ def start_ray_head(
     (`machine_address()`) worker nodes can join it (`start_ray_worker_node`). `num_cpus` may exceed
     the real core count (logical CPUs let multi-worker runs fit on a small machine). `worker_env` is
     added to the environment of every Ray process, drivers and workers included, the way a real
-    cluster's nodes are configured with service endpoints and credentials. It runs in a session of
+    cluster's nodes are configured with service endpoints and credentials; where it names an S3
+    credentials file, the caller's credential variables are left out (`cluster.credentials`). It runs in a session of
     its own (see `processes.launch`) and outlives the caller.
     """
     argv = [
@@ -238,6 +240,8 @@ def start_ray_worker_node(
 
 def _node_env(auth_token: str | None, worker_env: Mapping[str, str] | None, host: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in _CLIENT_VARIABLES}
+    if CREDENTIALS_FILE_VARIABLE in (worker_env or {}):  # the node's S3 credentials: the file, not the caller's
+        env = without_credential_variables(env)
     env.update(worker_env or {})
     env.update(ray_auth_env(auth_token))
     env.update(node_mode_env(host))

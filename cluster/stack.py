@@ -3,7 +3,9 @@
 A stack lives in one directory:
 
     state.json   settings, generated credentials, ports, and the identity of every process started
-    stack.env    what a client sources: addresses, credentials, Ray auth, bucket names (mode 0600)
+    stack.env    what a client sources: addresses, Ray auth, bucket names (mode 0600)
+    aws-credentials  the S3 key pair, for every client and Ray process (mode 0600; see
+                 cluster/credentials.py for why it is a file and not variables)
     logs/        one log per service; logs/ray-session links to Ray's own session logs
     mlflow/      the sqlite backend and the artifact store, kept across restarts
 
@@ -28,6 +30,12 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from cluster import processes
+from cluster.credentials import (
+    CREDENTIAL_VARIABLES,
+    credentials_file_env,
+    write_credentials_file,
+    write_private_file,
+)
 from cluster.mlflow_server import mlflow_server_healthy, start_mlflow_server
 from cluster.net import LOOPBACK, free_port, port_is_free, wait_until
 from cluster.processes import ProcessId
@@ -117,24 +125,6 @@ def service_healthy(name: str, ports: Mapping[str, int]) -> bool:
     return check(service_address(name, ports))
 
 
-def client_env(state: StackState) -> dict[str, str]:
-    """Everything a client needs (the contents of stack.env)."""
-    return {**service_env(state), **ray_client_env(state.ports("ray"), ray_token(state))}
-
-
-def service_env(state: StackState) -> dict[str, str]:
-    """The S3 and MLflow settings: clients get them, and so does every Ray process."""
-    return {
-        "AWS_ENDPOINT_URL_S3": service_address("s3", state.ports("s3")),
-        "AWS_ACCESS_KEY_ID": state.secrets["aws_access_key_id"],
-        "AWS_SECRET_ACCESS_KEY": state.secrets["aws_secret_access_key"],
-        "AWS_DEFAULT_REGION": REGION,
-        "VITAE_DATA_BUCKET": state.settings.data_bucket,
-        "VITAE_CHECKPOINT_BUCKET": state.settings.checkpoint_bucket,
-        "MLFLOW_TRACKING_URI": service_address("mlflow", state.ports("mlflow")),
-    }
-
-
 def ray_token(state: StackState) -> str | None:
     return state.secrets["ray_auth_token"] if state.settings.ray_auth else None
 
@@ -167,15 +157,6 @@ def _port_label(service: str, port_name: str) -> str:
     return service if port_name == service else f"{service} {port_name}"
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Replace `path` atomically with `text`, readable by the owner only."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as stream:
-        stream.write(text)
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
-
-
 class Stack:
     """One stack directory and the processes recorded in it."""
 
@@ -183,11 +164,39 @@ class Stack:
         self.directory = directory.resolve()
         self.state_path = self.directory / "state.json"
         self.env_path = self.directory / "stack.env"
+        self.credentials_path = self.directory / "aws-credentials"
         self.logs = self.directory / "logs"
         self._saving = threading.Lock()
 
     def log_path(self, name: str) -> Path:
         return self.logs / f"{name}.log"
+
+    # --- what clients and Ray processes get ------------------------------------------------
+
+    def client_env(self, state: StackState | None = None) -> dict[str, str]:
+        """Everything a client needs (the exports of stack.env)."""
+        state = state or self.load()
+        return {**self.service_env(state), **ray_client_env(state.ports("ray"), ray_token(state))}
+
+    def service_env(self, state: StackState) -> dict[str, str]:
+        """The S3 and MLflow settings: clients get them, and so does every Ray process. The S3
+        credentials are the stack's credentials file, never variables."""
+        return {
+            "AWS_ENDPOINT_URL_S3": service_address("s3", state.ports("s3")),
+            **credentials_file_env(self.credentials_path),
+            "AWS_DEFAULT_REGION": REGION,
+            "VITAE_DATA_BUCKET": state.settings.data_bucket,
+            "VITAE_CHECKPOINT_BUCKET": state.settings.checkpoint_bucket,
+            "MLFLOW_TRACKING_URI": service_address("mlflow", state.ports("mlflow")),
+        }
+
+    def use_in_this_process(self) -> dict[str, str]:
+        """Point this process (and what it starts) at the stack; returns the client environment."""
+        env = self.client_env()
+        for name in CREDENTIAL_VARIABLES:  # they would take precedence over the credentials file
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        return env
 
     # --- state -----------------------------------------------------------------------------
 
@@ -201,7 +210,7 @@ class Stack:
 
     def save(self, state: StackState) -> None:
         with self._saving:
-            _write_private(self.state_path, json.dumps(dataclasses.asdict(state), indent=2))
+            write_private_file(self.state_path, json.dumps(dataclasses.asdict(state), indent=2))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -238,6 +247,8 @@ class Stack:
                 self._stop_leftovers(state, name)
             self._assign_ports(state, to_start, keep_previous="ray" in running)
             self.save(state)
+            write_credentials_file(self.credentials_path, state.secrets["aws_access_key_id"],
+                                   state.secrets["aws_secret_access_key"])
             for name in running:
                 self._wait_healthy(state, name)
             self._start(state, to_start)
@@ -247,7 +258,7 @@ class Stack:
                 state.secrets["aws_access_key_id"],
                 state.secrets["aws_secret_access_key"],
             )
-            _write_private(self.env_path, self._env_file(state))
+            write_private_file(self.env_path, self._env_file(state))
             return [
                 dataclasses.replace(self._status(state, name), state="started" if name in to_start else "running")
                 for name in SERVICES
@@ -269,6 +280,7 @@ class Stack:
                 address = service_address(name, record.ports)
                 stopped.append(ServiceStatus(name, address, pid, "stopped" if was_running else "not running"))
             self.env_path.unlink(missing_ok=True)
+            self.credentials_path.unlink(missing_ok=True)
             return stopped
 
     # --- helpers ---------------------------------------------------------------------------
@@ -354,7 +366,7 @@ class Stack:
         else:
             temp_dir = ray_temp_dir(self.directory)
             self._link_ray_logs(temp_dir)
-            worker_env = service_env(state)
+            worker_env = self.service_env(state)
             head = start_ray_head(ports, state.settings.num_cpus, ray_token(state), temp_dir, log, worker_env)
             process = head.process
         state.services[name].process = processes.identify(process.pid)
@@ -369,7 +381,9 @@ class Stack:
         lines = [
             f"# The vitae local stack in {self.directory}, written by `vitae stack up`.",
             f"# Load it with:  source {self.env_path}",
-            "# It holds credentials: keep it private.",
+            "# It holds the Ray token: keep it private. S3 credentials are in the file it names, and",
+            "# credential variables are unset: they would take precedence over that file.",
+            f"unset {' '.join(CREDENTIAL_VARIABLES)}",
         ]
-        lines += [f"export {key}={shlex.quote(value)}" for key, value in client_env(state).items()]
+        lines += [f"export {key}={shlex.quote(value)}" for key, value in self.client_env(state).items()]
         return "\n".join(lines) + "\n"

@@ -160,8 +160,8 @@ class ObjectStore:
             yield
         except (bx.NoCredentialsError, bx.PartialCredentialsError):
             raise UserError(
-                f"no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+                f"no S3 credentials found for {where}: point AWS_SHARED_CREDENTIALS_FILE at a "
+                "credentials file (or set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
             ) from None
         except (bx.ConnectionError, bx.HTTPClientError) as error:  # refused, timed out, reset (after retries)
             endpoint = self.config.endpoint_name

@@ -4,7 +4,7 @@ any split in `vitae evaluate`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy
 import torch

@@ -17,7 +17,6 @@ the dataset, and its best model becomes champion only if it beats the one before
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -65,15 +64,13 @@ def start_stack(directory: Path) -> dict[str, str]:
 
     Ray reads its authentication settings when imported, so nothing may import ray before this.
     """
-    from cluster.stack import Stack, client_env
+    from cluster.stack import Stack
 
     step(f"1/4 embedded stack in {directory}")
     stack = Stack(directory)
     for status in stack.up({}):
         print(f"  {status.name:<7}{status.address}")
-    env = client_env(stack.load())
-    os.environ.update(env)
-    return env
+    return stack.use_in_this_process()
 
 
 def prepare_digits(dataset_url: str) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,7 @@ def launch(sweep: Sweep, resume: bool) -> int:
     check_dataset(sweep.base)
     storage = RunStorage.open(sweep.base.checkpoint.storage_path)
     check_experiment(sweep, storage, resume)
+    warn_of_copied_credentials()
     ray.init()
     concurrency = derive_concurrency(ray.cluster_resources(), trial_resources(sweep), sweep.config.search.num_samples,
                                      sweep.config.max_concurrent_trials)
@@ -99,6 +101,20 @@ def launch(sweep: Sweep, resume: bool) -> int:
               "run them again with --resume", flush=True)
         return 1
     return 0 if best else 1
+
+
+def warn_of_copied_credentials() -> None:
+    """Ray Tune copies the sweep driver's credential variables into every trial's runtime env, and
+    Ray's runtime env agent logs runtime envs in full on each node: say so, naming the variables."""
+    from ray.tune.execution.class_cache import ENV_VARS_TO_PROPAGATE
+
+    from cluster.credentials import CREDENTIAL_VARIABLES
+
+    copied = sorted(name for name in ENV_VARS_TO_PROPAGATE if name in CREDENTIAL_VARIABLES and os.environ.get(name))
+    if copied:
+        print(f"warning: Ray Tune copies {', '.join(copied)} into every trial's runtime environment, which Ray "
+              "logs on each node (runtime_env_agent.log): give S3 credentials as a file "
+              "(AWS_SHARED_CREDENTIALS_FILE) or an instance role instead", file=sys.stderr, flush=True)
 
 
 def check_experiment(sweep: Sweep, storage: RunStorage, resume: bool) -> None:

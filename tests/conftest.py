@@ -16,6 +16,7 @@ from typing import Iterator, Mapping
 
 import pytest
 
+from cluster.credentials import CREDENTIAL_VARIABLES, credentials_file_env, write_credentials_file
 from cluster.mlflow_server import start_mlflow_server
 from cluster.net import free_port, free_ports
 from cluster.ray_head import (
@@ -45,9 +46,11 @@ os.environ.update(SINGLE_MACHINE_ENV)
 
 
 @contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set `values` in os.environ; put back what was there before on exit."""
-    saved = {key: os.environ.get(key) for key in values}
+def _environ(values: Mapping[str, str], unset: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set `values` and remove `unset` in os.environ; put back what was there before on exit."""
+    saved = {key: os.environ.get(key) for key in (*values, *unset)}
+    for key in unset:
+        os.environ.pop(key, None)
     os.environ.update(values)
     try:
         yield
@@ -61,16 +64,19 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
-    """A real moto S3 server process; the S3 environment variables point every client at it."""
-    server = start_s3_server(log_path=tmp_path_factory.mktemp("s3") / "moto.log")
+    """A real moto S3 server process; the S3 environment variables point every client at it, with
+    the planted credentials in a credentials file, as the embedded stack hands them out."""
+    home = tmp_path_factory.mktemp("s3")
+    server = start_s3_server(log_path=home / "moto.log")
+    credentials = write_credentials_file(home / "aws-credentials", TEST_ACCESS_KEY, TEST_SECRET_KEY)
     try:
         with _environ(
             {
                 "AWS_ENDPOINT_URL_S3": server.endpoint,
-                "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+                **credentials_file_env(credentials),
                 "AWS_DEFAULT_REGION": "us-east-1",
-            }
+            },
+            unset=CREDENTIAL_VARIABLES,
         ):
             yield server.endpoint
     finally:

@@ -48,6 +48,7 @@ NAMESPACE = "vitae"
 IMAGE_REPOSITORY = "vitae-pipeline"  # the last path component of the project image's name
 THIRD_PARTY_IMAGES = {"postgres"}  # repositories of images the project does not build
 S3_CREDENTIALS_SECRET = "vitae-s3-credentials"
+S3_CREDENTIALS_SECRET_KEY = "credentials"  # the Secret's one key: an AWS credentials file
 
 # The services' addresses: node configuration that every Ray node of every cluster carries (the
 # embedded stack's head too), and that the job runtime env must therefore never set (it would
@@ -72,8 +73,9 @@ EC2_MEMORY_GIB = {
 
 # Names of things that hold secrets: in env lists and mappings they may only be references.
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
-# Mapping keys that match SECRET_NAME but hold no secret (EC2's IMDSv2 switch).
-NOT_SECRET_KEYS = {"HttpTokens"}
+# Names that match SECRET_NAME but hold no secret (EC2's IMDSv2 switch, the credentials file's path,
+# a Kubernetes Secret volume's reference to its Secret).
+NOT_SECRET_KEYS = {"HttpTokens", "AWS_SHARED_CREDENTIALS_FILE", "secretName"}
 # Literal secret material, wherever it appears in the assets' text.
 SECRET_TEXT = [
     re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key ID
@@ -294,12 +296,12 @@ def kuberay_node_envs() -> dict[str, dict[str, str]]:
 
 
 def embedded_stack_node_env() -> dict[str, str]:
-    """What `vitae stack up` hands every Ray process of its head (cluster.stack.service_env)."""
-    from cluster.stack import ServiceRecord, StackSettings, StackState, service_env
+    """What `vitae stack up` hands every Ray process of its head (cluster.stack.Stack.service_env)."""
+    from cluster.stack import ServiceRecord, Stack, StackSettings, StackState
 
     state = StackState.new(StackSettings())
     state.services = {"s3": ServiceRecord({"s3": 9000}), "mlflow": ServiceRecord({"mlflow": 5000})}
-    return service_env(state)
+    return Stack(Path(".vitae")).service_env(state)
 
 
 def node_envs() -> dict[str, dict[str, str]]:
@@ -593,8 +595,7 @@ def check_ray_cluster_spec(spec: dict[str, Any], where: str) -> None:
         assert object_store_bytes(quantity_bytes(limits["memory"])) <= shm_limit < quantity_bytes(limits["memory"]), (
             f"{where} {name}: /dev/shm must hold Ray's object store and fit in the memory limit"
         )
-        secret_refs = [e["secretRef"]["name"] for e in ray_container.get("envFrom", []) if "secretRef" in e]
-        assert S3_CREDENTIALS_SECRET in secret_refs, f"{where} {name}: S3 credentials from their Secret"
+        assert_s3_credentials_as_a_file(pod, ray_container, f"{where} {name}")
         if not is_head:
             low, high = group["minReplicas"], group["maxReplicas"]
             replicas = group.get("replicas", low)
@@ -606,6 +607,26 @@ def check_ray_cluster_spec(spec: dict[str, Any], where: str) -> None:
                 assert int(requests.get("nvidia.com/gpu", gpus)) == gpus
                 gpu_groups.append(name)
     assert gpu_groups, f"{where}: a worker group with nvidia.com/gpu limits"
+
+
+def assert_s3_credentials_as_a_file(pod: dict[str, Any], container: dict[str, Any], where: str) -> None:
+    """The S3 credentials Secret reaches the container as a private file that AWS_SHARED_CREDENTIALS_FILE
+    names, never as variables: Ray Tune copies credential variables into every trial's runtime env,
+    and Ray logs runtime envs."""
+    volumes = {v["name"]: v["secret"] for v in pod.get("volumes", [])
+               if v.get("secret", {}).get("secretName") == S3_CREDENTIALS_SECRET}
+    mounts = [m for m in container.get("volumeMounts", []) if m["name"] in volumes]
+    assert len(mounts) == 1 and mounts[0].get("readOnly"), f"{where}: {S3_CREDENTIALS_SECRET} mounted read-only"
+    (mount,) = mounts
+    path = container_env(container)["AWS_SHARED_CREDENTIALS_FILE"]["value"]
+    assert path == f"{mount['mountPath'].rstrip('/')}/{S3_CREDENTIALS_SECRET_KEY}", f"{where}: {path}"
+    mode = volumes[mount["name"]].get("defaultMode", 0o644)
+    assert not mode & 0o007 and mode & 0o040, f"{where}: the file is for the pod's group only ({mode:o})"
+    assert pod.get("securityContext", {}).get("fsGroup") is not None, f"{where}: an fsGroup, to read the file"
+    as_variables = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e] + [
+        item["valueFrom"]["secretKeyRef"]["name"] for item in container.get("env", [])
+        if "secretKeyRef" in item.get("valueFrom", {})]
+    assert S3_CREDENTIALS_SECRET not in as_variables, f"{where}: S3 credentials as environment variables"
 
 
 def test_raycluster():
@@ -671,6 +692,8 @@ def test_mlflow_server_postgresql_backend_from_secret_and_s3_artifacts():
     assert options["serve_artifacts"], "clients upload artifacts through the server"
     assert options["host"] == "0.0.0.0"
     container = mlflow_server_container()
+    assert_s3_credentials_as_a_file(the("Deployment", "mlflow")["spec"]["template"]["spec"], container,
+                                    "the MLflow server")
     assert not any("postgresql://" in arg for arg in container.get("args", [])), (
         "the backend store URI, password included, stays off the command line"
     )
@@ -723,7 +746,7 @@ def test_secrets_are_only_referenced():
                     name, source = item["name"], item.get("valueFrom", {})
                     if "secretKeyRef" in source:
                         defined_from_secrets.add(name)
-                    elif SECRET_NAME.search(name):
+                    elif SECRET_NAME.search(name) and name not in NOT_SECRET_KEYS:
                         raise AssertionError(f"{file} {where}: {name} must come from a secretKeyRef")
                     password = urlsplit(str(item.get("value", ""))).password
                     if password:

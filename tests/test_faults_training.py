@@ -121,13 +121,25 @@ def checkpointed_epoch(storage_url: str) -> int:
     return int(latest["metrics"]["epoch"]) if latest else 0
 
 
-def wait_for_checkpoint(storage_url: str, epoch: int, timeout_s: float) -> bool:
+def wait_for_checkpoint(storage_url: str, epoch: int, timeout_s: float, submission_id: str) -> bool:
+    """Whether the run checkpointed `epoch` within `timeout_s`; False at once if the job ended first."""
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient()
     deadline = time.monotonic() + timeout_s
     while checkpointed_epoch(storage_url) < epoch:
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or jobs.get_job_status(submission_id).is_terminal():
             return False
-        time.sleep(0.3)
+        time.sleep(0.5)
     return True
+
+
+def job_report(submission_id: str) -> str:
+    """The job's status and the end of its logs, for an assertion message."""
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient().get_job_info(submission_id)
+    return f"job {submission_id} {info.status}: {info.message}\n{ray_job('logs', submission_id).stdout[-6000:]}"
 
 
 def train_worker_pids(job_id: str) -> set[int]:
@@ -198,7 +210,7 @@ def run_scenario(config_path: Path, storage_url: str, tracking_server: OwnMlflow
     timeline.mark("submitted")
     job_id = wait_for(lambda: jobs.get_job_info(first).job_id, "the job's Ray job id")
 
-    assert wait_for_checkpoint(storage_url, KILL_WORKER_AFTER, 240), "no first checkpoint"
+    assert wait_for_checkpoint(storage_url, KILL_WORKER_AFTER, 240, first), "no first checkpoint\n" + job_report(first)
     workers_before = train_worker_pids(job_id)
     killed_worker = min(workers_before)
     os.kill(killed_worker, signal.SIGKILL)
@@ -208,7 +220,8 @@ def run_scenario(config_path: Path, storage_url: str, tracking_server: OwnMlflow
                              "a restarted worker group")
     timeline.mark(f"worker group restarted: pids {sorted(workers_after)}")
 
-    assert wait_for_checkpoint(storage_url, STOP_MLFLOW_AFTER, 240), "no checkpoint after the restart"
+    assert wait_for_checkpoint(storage_url, STOP_MLFLOW_AFTER, 240, first), (
+        "no checkpoint after the restart\n" + job_report(first))
     tracking_server.stop()
     timeline.mark(f"checkpoint {STOP_MLFLOW_AFTER} stored; MLflow server stopped")
     started = time.monotonic()
@@ -216,7 +229,7 @@ def run_scenario(config_path: Path, storage_url: str, tracking_server: OwnMlflow
     probe_outage = Probe(probe.run_id, time.monotonic() - started, {metric.step for metric in probe.held_back},
                          min((metric.timestamp for metric in probe.held_back), default=0))
     # without the hold-back, rank 0 would retry for minutes and the next checkpoint would wait
-    if wait_for_checkpoint(storage_url, KILL_DRIVER_AFTER, 150):
+    if wait_for_checkpoint(storage_url, KILL_DRIVER_AFTER, 150, first):
         timeline.mark(f"checkpoint {KILL_DRIVER_AFTER} stored while MLflow was down")
     driver_pid = int(jobs.get_job_info(first).driver_info.pid)
     os.kill(driver_pid, signal.SIGKILL)

@@ -3,6 +3,7 @@ to the session's own Ray head, which it must leave alone; and the session fixtur
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -21,20 +22,22 @@ from tests.listening import is_loopback, listening_addresses
 REPO = Path(__file__).resolve().parents[1]
 STACK_NUM_CPUS = 4
 ENV_KEYS = {
-    "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL_S3", "AWS_SHARED_CREDENTIALS_FILE", "AWS_DEFAULT_REGION",
     "VITAE_DATA_BUCKET", "VITAE_CHECKPOINT_BUCKET", "MLFLOW_TRACKING_URI",
     "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
 }  # fmt: skip
-SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN")
+# What the shell that runs `vitae stack up` has: none of it may reach the stack's Ray processes.
+CALLER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIACALLERS0WNKEY", "AWS_SECRET_ACCESS_KEY": "callers-own-secret",
+                      "AWS_PROFILE": "callers-profile"}
 
 
 def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
-def vitae(*args: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "pipelines.cli", *map(str, args)])
+def vitae(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "pipelines.cli", *map(str, args)], env=env)
 
 
 def sourced(env_file: Path) -> dict[str, str]:
@@ -73,12 +76,19 @@ class StackRun:
     def env(self) -> dict[str, str]:
         return sourced(self.env_file)
 
+    def secrets(self) -> dict[str, str]:
+        """The S3 key pair (from the credentials file stack.env names) and the Ray token."""
+        env = self.env()
+        credentials = configparser.ConfigParser()
+        assert credentials.read(env["AWS_SHARED_CREDENTIALS_FILE"])
+        return {**credentials["default"], "RAY_AUTH_TOKEN": env["RAY_AUTH_TOKEN"]}
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, ray_cluster):
     """One stack for this module, started while the session's Ray head runs (two clusters)."""
     directory = tmp_path_factory.mktemp("stack") / ".vitae"
-    up = vitae("stack", "up", "--dir", directory, "--num-cpus", STACK_NUM_CPUS)
+    up = vitae("stack", "up", "--dir", directory, "--num-cpus", STACK_NUM_CPUS, env={**os.environ, **CALLER_CREDENTIALS})
     assert up.returncode == 0, up.stderr
     yield StackRun(directory, up)
     vitae("stack", "down", "--dir", directory)
@@ -109,10 +119,22 @@ def test_up_starts_all_services_and_writes_private_env_file(stack):
     env = stack.env()
     assert ENV_KEYS <= env.keys()
     assert env["RAY_AUTH_MODE"] == "token"
-    for key in SECRET_KEYS:  # never on the console, nor in any service log
-        assert env[key] not in stack.up.stdout + stack.up.stderr
-        found = run(["grep", "-rlF", env[key], stack.directory / "logs", ray_temp_dir(stack.directory)])
+    credentials = Path(env["AWS_SHARED_CREDENTIALS_FILE"])
+    assert credentials.parent == stack.directory and credentials.stat().st_mode & 0o777 == 0o600
+    secrets = stack.secrets()
+    assert {"aws_access_key_id", "aws_secret_access_key", "RAY_AUTH_TOKEN"} <= secrets.keys()
+    for key, secret in secrets.items():  # never on the console, in stack.env, nor in any service log
+        assert secret not in stack.up.stdout + stack.up.stderr + stack.env_file.read_text()
+        found = run(["grep", "-rlF", secret, stack.directory / "logs", ray_temp_dir(stack.directory)])
         assert found.stdout == "", f"{key} appears in {found.stdout}"
+
+
+def test_stack_env_unsets_the_shells_credential_variables(stack):
+    """They would take precedence over the stack's credentials file (and Ray Tune would copy them)."""
+    shell = run(["bash", "-c", f"source {stack.env_file} && env -0"], env={**os.environ, **CALLER_CREDENTIALS})
+    env = dict(entry.split("=", 1) for entry in shell.stdout.split("\0") if entry)
+    assert not CALLER_CREDENTIALS.keys() & env.keys()
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == str(stack.directory / "aws-credentials")
 
 
 def test_s3_and_mlflow_work_from_stack_env(stack, monkeypatch, tmp_path):
@@ -134,11 +156,19 @@ def test_s3_and_mlflow_work_from_stack_env(stack, monkeypatch, tmp_path):
     assert list((stack.directory / "mlflow" / "artifacts").rglob("hello.txt"))  # on disk, not in moto
 
 
+# A job's driver and one of its tasks print the CPUs and the AWS variables they have (names only).
+AWS_NAMES = "sorted(k for k in os.environ if k.startswith(\"AWS_\"))"
+JOB_SCRIPT = ("import os, ray; ray.init(); print(\"CPUS\", ray.cluster_resources()[\"CPU\"]); "
+              f"print(\"DRIVER\", *{AWS_NAMES}); print(\"TASK\", *ray.get(ray.remote(lambda: {AWS_NAMES}).remote()))")
+
+
 def test_ray_job_submit_with_stack_env_and_token_auth(stack, tmp_path):
-    entrypoint = "python -c 'import os, ray; ray.init(); print(\"CPUS\", ray.cluster_resources()[\"CPU\"])'"
-    submitted = in_shell(stack.env_file, f"ray job submit -- {entrypoint}", tmp_path)
+    submitted = in_shell(stack.env_file, f"ray job submit -- python -c '{JOB_SCRIPT}'", tmp_path)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert f"CPUS {float(STACK_NUM_CPUS)}" in submitted.stdout
+    # the stack's S3 settings, its credentials as the file: not the variables `stack up` was run with
+    expected = "AWS_DEFAULT_REGION AWS_ENDPOINT_URL_S3 AWS_SHARED_CREDENTIALS_FILE"
+    assert f"DRIVER {expected}" in submitted.stdout and f"TASK {expected}" in submitted.stdout, submitted.stdout
 
     no_token = in_shell(stack.env_file, "unset RAY_AUTH_TOKEN RAY_AUTH_MODE; ray job list", tmp_path)
     assert no_token.returncode != 0

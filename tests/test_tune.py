@@ -25,13 +25,14 @@ import pytest
 from mlflow import MlflowClient
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
+from cluster.credentials import CREDENTIAL_VARIABLES
 from data_prep import object_store
 from data_prep.errors import UserError
 from pipelines import registry
 from pipelines.run_storage import RunStorage
 from pipelines.sweep_config import load_sweep, trial_run_name
 from pipelines.tracking import PARENT_RUN_TAG, RUN_NAME_TAG, SWEEP_NAME_TAG
-from pipelines.tune import derive_concurrency, trial_resources
+from pipelines.tune import derive_concurrency, trial_resources, warn_of_copied_credentials
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.train_helpers import prepare_dataset, tiny_config
 
@@ -42,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES, EPOCHS = 3, 3
 LEARNING_RATES = [1.6e-2, 8e-3, 1e-6]
 SEED = 1
+COPIED_CREDENTIALS_WARNING = "warning: Ray Tune copies "
 
 
 def sweep_dict(name: str, data_url: str, storage_url: str, **sections) -> dict:
@@ -363,6 +365,20 @@ def test_no_secret_reaches_mlflow_or_the_logs(scenario, tmp_path):
              scenario.second.stdout, scenario.second.stderr]
     for secret in (TEST_ACCESS_KEY, TEST_SECRET_KEY, os.environ["RAY_AUTH_TOKEN"]):
         assert not any(secret in text for text in texts)
+    assert not any(COPIED_CREDENTIALS_WARNING in text for text in texts)  # the head hands out a file
+
+
+def test_the_sweep_driver_warns_of_credential_variables_ray_tune_would_copy(monkeypatch, capsys):
+    for name in CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    warn_of_copied_credentials()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "planted-key")
+    warn_of_copied_credentials()
+    warning = capsys.readouterr().err
+    assert warning.startswith(COPIED_CREDENTIALS_WARNING + "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY into")
+    assert "planted" not in warning and warning.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, message", [
