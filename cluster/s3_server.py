@@ -71,10 +71,16 @@ def s3_server_healthy(endpoint: str) -> bool:
 
 
 def create_buckets(endpoint: str, buckets: list[str], access_key: str, secret_key: str) -> None:
-    """Create each bucket that does not exist yet on the S3 server at `endpoint`."""
-    import boto3
+    """Create each bucket that does not exist yet on the S3 server at `endpoint`, with the given keys.
 
-    client = boto3.client(
+    The caller's AWS settings play no part: an `AWS_PROFILE` of the shell (which need not exist in
+    its config file) is not looked up."""
+    import boto3
+    import botocore.session
+
+    # (config file key, environment variable, default, conversion) of the `profile` setting: none
+    without_profile = botocore.session.Session(session_vars={"profile": (None, None, None, None)})
+    client = boto3.session.Session(botocore_session=without_profile).client(
         "s3",
         endpoint_url=endpoint,
         region_name=REGION,

@@ -27,7 +27,8 @@ ENV_KEYS = {
     "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
 }  # fmt: skip
-# What the shell that runs `vitae stack up` has: none of it may reach the stack's Ray processes.
+# What the shell that runs `vitae stack up` has (a profile it lacks included): none of it may reach
+# the stack's Ray processes, nor stop `up`.
 CALLER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIACALLERS0WNKEY", "AWS_SECRET_ACCESS_KEY": "callers-own-secret",
                       "AWS_PROFILE": "callers-profile"}
 
@@ -123,8 +124,9 @@ def test_up_starts_all_services_and_writes_private_env_file(stack):
     assert credentials.parent == stack.directory and credentials.stat().st_mode & 0o777 == 0o600
     secrets = stack.secrets()
     assert {"aws_access_key_id", "aws_secret_access_key", "RAY_AUTH_TOKEN"} <= secrets.keys()
-    for key, secret in secrets.items():  # never on the console, in stack.env, nor in any service log
-        assert secret not in stack.up.stdout + stack.up.stderr + stack.env_file.read_text()
+    assert not [key for key in secrets if key.startswith("aws") and secrets[key] in stack.env_file.read_text()]
+    for key, secret in secrets.items():  # never on the console, nor in any service log
+        assert secret not in stack.up.stdout + stack.up.stderr
         found = run(["grep", "-rlF", secret, stack.directory / "logs", ray_temp_dir(stack.directory)])
         assert found.stdout == "", f"{key} appears in {found.stdout}"
 
@@ -167,8 +169,12 @@ def test_ray_job_submit_with_stack_env_and_token_auth(stack, tmp_path):
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert f"CPUS {float(STACK_NUM_CPUS)}" in submitted.stdout
     # the stack's S3 settings, its credentials as the file: not the variables `stack up` was run with
-    expected = "AWS_DEFAULT_REGION AWS_ENDPOINT_URL_S3 AWS_SHARED_CREDENTIALS_FILE"
-    assert f"DRIVER {expected}" in submitted.stdout and f"TASK {expected}" in submitted.stdout, submitted.stdout
+    seen = {line.split()[0]: set(line.split()[1:]) for line in submitted.stdout.splitlines()
+            if line.startswith(("DRIVER", "TASK"))}
+    assert seen.keys() == {"DRIVER", "TASK"}, submitted.stdout
+    for names in seen.values():
+        assert {"AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_SHARED_CREDENTIALS_FILE"} <= names
+        assert not names & CALLER_CREDENTIALS.keys()
 
     no_token = in_shell(stack.env_file, "unset RAY_AUTH_TOKEN RAY_AUTH_MODE; ray job list", tmp_path)
     assert no_token.returncode != 0
@@ -247,7 +253,7 @@ def test_down_twice_stops_exactly_the_stack(stack, ray_cluster):
     ]
     alive = run(["ps", "-o", "pid=,stat=", "-p", ",".join(map(str, members))]).stdout.split()
     assert all(stat.startswith("Z") for stat in alive[1::2]), alive
-    assert not stack.env_file.exists()
+    assert not stack.env_file.exists() and not (stack.directory / "aws-credentials").exists()
     assert vitae("stack", "status", "--dir", stack.directory).returncode == 1
     assert ray_head_healthy(ray_cluster.ports)  # the other cluster on this machine is untouched
 
