@@ -179,8 +179,8 @@ def start_ray_head(
     the real core count (logical CPUs let multi-worker runs fit on a small machine). `worker_env` is
     added to the environment of every Ray process, drivers and workers included, the way a real
     cluster's nodes are configured with service endpoints and credentials; where it names an S3
-    credentials file, the caller's credential variables are left out (`cluster.credentials`). It runs in a session of
-    its own (see `processes.launch`) and outlives the caller.
+    credentials file, the caller's credential variables are left out (`cluster.credentials`). It
+    runs in a session of its own (see `processes.launch`) and outlives the caller.
     """
     argv = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
