@@ -41,9 +41,9 @@ def vitae(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     return run([sys.executable, "-m", "pipelines.cli", *map(str, args)], env=env)
 
 
-def sourced(env_file: Path) -> dict[str, str]:
-    """The environment of a fresh shell (PATH and HOME only) after `source env_file`."""
-    bare = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"]}
+def sourced(env_file: Path, shell_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a fresh shell (PATH, HOME and `shell_env` only) after `source env_file`."""
+    bare = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **(shell_env or {})}
     shell = run(["bash", "-c", f"source {env_file} && env -0"], env=bare)
     assert shell.returncode == 0, shell.stderr
     return dict(entry.split("=", 1) for entry in shell.stdout.split("\0") if entry)
@@ -133,8 +133,7 @@ def test_up_starts_all_services_and_writes_private_env_file(stack):
 
 def test_stack_env_unsets_the_shells_credential_variables(stack):
     """They would take precedence over the stack's credentials file (and Ray Tune would copy them)."""
-    shell = run(["bash", "-c", f"source {stack.env_file} && env -0"], env={**os.environ, **CALLER_CREDENTIALS})
-    env = dict(entry.split("=", 1) for entry in shell.stdout.split("\0") if entry)
+    env = sourced(stack.env_file, CALLER_CREDENTIALS)
     assert not CALLER_CREDENTIALS.keys() & env.keys()
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == str(stack.directory / "aws-credentials")
 
