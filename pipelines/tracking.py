@@ -9,7 +9,7 @@ logs its metrics (step = epoch) and redraws `learning_curves.png` and `confusion
 end logs the packaged model (see `model_packaging`) once and tags the run with its URI.
 
 An MLflow outage neither stalls nor fails training. Epoch results are sent with a few quick
-retries (MLflow's own client retries, bounded: `QUICK_RETRIES`) instead of MLflow's default of
+retries (MLflow's own client retries, bounded: `mlflow_access.QUICK_RETRIES`) instead of MLflow's default of
 about four minutes per request; metrics that do not get through are held back (with the time they
 were measured) and sent with the next epoch's, and the figures are redrawn then. Held-back metrics
 survive a restart of the workers: they are in the checkpoint's per-epoch history, and a run that
@@ -29,15 +29,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import re
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from pipelines import plots
+from pipelines.mlflow_access import quick_retries, short, unreachable, without_credentials
 from pipelines.model_packaging import ClassifierInfo, log_classifier
 
 RUN_NAME_TAG = "vitae.run_name"
@@ -46,12 +45,6 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (mlflow.utils.
 MODEL_URI_TAG = "vitae.model_uri"
 PARAMS_PER_REQUEST = 100  # MLflow's log_batch limits
 METRICS_PER_REQUEST = 1000
-# Per request while epoch results are sent: 3 attempts over about 3 s (urllib3 backoff 0 s, then
-# 2 s plus jitter) and 30 s to answer, instead of MLflow's 8 attempts over about 4 minutes. A
-# user's own setting of one of these variables wins.
-QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-_USERINFO = re.compile(r"(?<=://)[^/@]+@")
 
 logger = logging.getLogger(__name__)  # rank 0's warnings reach the job's console through Ray Train
 
@@ -157,12 +150,12 @@ class RunTracker:
         """Run `send` with quick retries; if MLflow does not answer, warn (`if_unreachable` says what
         follows) and return False. Other errors are raised."""
         try:
-            with _quick_retries():
+            with quick_retries():
                 send()
         except Exception as error:
-            if not _unreachable(error):
+            if not unreachable(error):
                 raise
-            logger.warning(f"MLflow unreachable ({_short(error)}): {if_unreachable}")
+            logger.warning(f"MLflow unreachable ({short(error)}): {if_unreachable}")
             return False
         return True
 
@@ -229,7 +222,7 @@ class RunTracker:
         """The run's page (the tracking URI of the environment may carry credentials: dropped)."""
         import mlflow
 
-        base = _USERINFO.sub("", mlflow.get_tracking_uri()).rstrip("/")
+        base = without_credentials(mlflow.get_tracking_uri()).rstrip("/")
         return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
 
@@ -237,35 +230,6 @@ def terminate_run(client, run_id: str, status: str) -> None:
     """End a run without MLflow's "View run" line: it is built from the tracking URI, credentials included."""
     with contextlib.redirect_stdout(io.StringIO()):
         client.set_terminated(run_id, status)
-
-
-@contextlib.contextmanager
-def _quick_retries() -> Iterator[None]:
-    """MLflow requests in this block use `QUICK_RETRIES` (unless the user set these variables)."""
-    added = {key: value for key, value in QUICK_RETRIES.items() if key not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
-
-
-def _unreachable(error: Exception) -> bool:
-    """True for an MLflow server that did not answer or answered 5xx/429: worth trying again later."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(error, MlflowException):  # MLflow wraps connection errors as INTERNAL_ERROR (500)
-        status = error.get_http_status_code()
-        return status >= 500 or status == 429
-    return isinstance(error, requests.RequestException)  # artifact uploads: HTTP errors, broken connections
-
-
-def _short(error: Exception, head: int = 100, tail: int = 100) -> str:
-    """The error's first line, its middle left out if long (MLflow's put the cause at the end)."""
-    line = (_USERINFO.sub("", str(error)).splitlines() or [type(error).__name__])[0]
-    return line if len(line) <= head + tail + 5 else f"{line[:head]} ... {line[-tail:]}"
 
 
 def _epochs(metrics: Sequence) -> str:
