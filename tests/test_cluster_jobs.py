@@ -1,4 +1,4 @@
-"""Every job through the real `ray job submit` CLI as README.md "Running on a Ray cluster" submits it:
+"""Every job through the real `ray job submit` CLI as docs/cluster-jobs.md submits it:
 `ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m pipelines.<job>
 --config FILE`, with Ray's token authentication.
 
@@ -10,7 +10,7 @@ registers its best trial as @challenger, and a sweep with a trial that fails on 
 side, promote and an evaluation of @challenger into S3. Resuming a re-submitted run is covered by
 tests/test_train_job.py and tests/test_tune.py.
 
-`test_the_readme_walkthrough_runs_verbatim` runs the README's cluster block itself with bash, in a
+`test_the_walkthrough_runs_verbatim` runs the walkthrough block of docs/cluster-jobs.md itself with bash, in a
 fresh copy of the repository, against a `vitae stack up` of its own.
 """
 
@@ -46,8 +46,8 @@ from tests.train_helpers import prepare_dataset, ray_job, tiny_config, write_con
 pytestmark = pytest.mark.timeout(900)
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
-WALKTHROUGH_SECTION = "## Running on a Ray cluster"
+WALKTHROUGH_PAGE = REPO / "docs" / "cluster-jobs.md"
+WALKTHROUGH_SECTION = "## Walkthrough on the embedded stack"
 RUNTIME_ENV = "cluster/runtime_env.yaml"
 EPOCHS = 2
 TEST_SAMPLES = 180  # digits: 10% of 1797
@@ -69,7 +69,7 @@ def repository_copy(destination: Path) -> Path:
 
 
 def submit(workdir: Path, submission_id: str, job: str, config: str) -> subprocess.CompletedProcess:
-    """`ray job submit` as the README writes it, following the job's logs until it ends."""
+    """`ray job submit` as docs/cluster-jobs.md writes it, following the job's logs until it ends."""
     return ray_job("submit", "--working-dir", ".", "--runtime-env", RUNTIME_ENV, "--submission-id", submission_id,
                    "--", sys.executable, "-m", f"pipelines.{job}", "--config", config, check=False, cwd=workdir)
 
@@ -328,16 +328,16 @@ def test_example_promote_configs_validate(path):
     assert options.model and options.lock_url.startswith("s3://")
 
 
-# --- the README's walkthrough, verbatim, on a stack of its own ----------------------------------
+# --- the documented walkthrough, verbatim, on a stack of its own ----------------------------------
 
 def walkthrough() -> str:
-    text = README.read_text()
+    text = WALKTHROUGH_PAGE.read_text()
     section = text[text.index(WALKTHROUGH_SECTION):]
     return re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
 
 
 @pytest.mark.slow
-def test_the_readme_walkthrough_runs_verbatim(tmp_path):
+def test_the_walkthrough_runs_verbatim(tmp_path):
     workdir = repository_copy(tmp_path / "clone")
     # Only what the block itself sets up: no address, credential or token of the session's services.
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_", "MLFLOW_", "VITAE_"))}
