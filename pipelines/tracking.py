@@ -11,10 +11,12 @@ end logs the packaged model (see `model_packaging`) once and tags the run with i
 An MLflow outage neither stalls nor fails training. Epoch results are sent with a few quick
 retries (MLflow's own client retries, bounded: `mlflow_access.QUICK_RETRIES`) instead of MLflow's default of
 about four minutes per request; metrics that do not get through are held back (with the time they
-were measured) and sent with the next epoch's, and the figures are redrawn then. Held-back metrics
+were measured) and sent with the next epoch's or at the end. The figures follow the metrics: they
+are logged once the metrics they show are in, drawn from the full history of the latest epoch
+(`figures_due`), so an outage over the last epoch leaves no stale curve. Held-back metrics
 survive a restart of the workers: they are in the checkpoint's per-epoch history, and a run that
-attaches again sends the epochs its MLflow run lacks. Whatever is still held back when the run
-ends is named in a warning.
+attaches again sends the epochs its MLflow run lacks (and redraws the learning curves). Whatever is
+still held back when the run ends is named in a warning.
 
 A resumed sweep finds its run again by the tag `vitae.sweep_name` (the latest run of that name).
 A trial's training run names it as parent (MLflow's `mlflow.parentRunId` tag, which nests
@@ -30,6 +32,7 @@ import contextlib
 import io
 import logging
 import time
+from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -45,6 +48,7 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (mlflow.utils.
 MODEL_URI_TAG = "vitae.model_uri"
 PARAMS_PER_REQUEST = 100  # MLflow's log_batch limits
 METRICS_PER_REQUEST = 1000
+LEARNING_CURVES, CONFUSION_MATRIX = "learning_curves.png", "confusion_matrix.png"
 
 logger = logging.getLogger(__name__)  # rank 0's warnings reach the job's console through Ray Train
 
@@ -54,6 +58,7 @@ class RunTracker:
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
         self.held_back: list = []  # epoch metrics (mlflow.entities.Metric) MLflow has not accepted yet
         self.unreachable = False  # the last attempt to send them failed
+        self.figures_due: dict[str, Callable[[], Any]] = {}  # artifact -> its latest drawing, not logged yet
 
     @classmethod
     def attach(cls, run_name: str, experiment: str, tracking_uri: str | None, run_id: str | None,
@@ -68,7 +73,9 @@ class RunTracker:
         tracker = cls._open(client, experiment_id, run_id, run_name, tags, params, config_yaml)
         if history:
             tracker._hold_back_missing(history)
-            tracker._send_held_back("held back; training goes on")
+            if tracker.held_back:
+                tracker.figures_due[LEARNING_CURVES] = partial(plots.learning_curves, list(history))
+            tracker._deliver("held back; training goes on", "waits for the next epoch")
         return tracker
 
     @classmethod
@@ -103,11 +110,20 @@ class RunTracker:
                   confusion: torch.Tensor, class_names: Sequence[str]) -> None:
         """The epoch's metrics (step = epoch) and figures; held back while MLflow is unreachable."""
         self._hold_back(epoch, metrics, int(time.time() * 1000))
-        if self._send_held_back("held back; training goes on"):
-            self._attempt(lambda: (
-                self.client.log_figure(self.run_id, plots.learning_curves(history), "learning_curves.png"),
-                self.client.log_figure(self.run_id, plots.confusion_matrix(confusion, class_names),
-                                       "confusion_matrix.png")), "the figures wait for the next epoch")
+        self.figures_due.update({LEARNING_CURVES: partial(plots.learning_curves, list(history)),
+                                 CONFUSION_MATRIX: partial(plots.confusion_matrix, confusion, class_names)})
+        self._deliver("held back; training goes on", "waits for the next epoch")
+
+    def _deliver(self, metrics_if_unreachable: str, figures_if_unreachable: str) -> None:
+        """Send the held-back metrics, then, once they are in, the figures due (drawn from them)."""
+        if self._send_held_back(metrics_if_unreachable):
+            self._log_figures_due(figures_if_unreachable)
+
+    def _log_figures_due(self, if_unreachable: str) -> None:
+        for name, draw in list(self.figures_due.items()):
+            if not self._attempt(partial(self.log_figure, draw(), name), f"{name} {if_unreachable}"):
+                return
+            del self.figures_due[name]
 
     def _send_held_back(self, if_unreachable: str) -> bool:
         """Send the held-back metrics; False, with a warning ending in `if_unreachable`, if MLflow
@@ -171,9 +187,11 @@ class RunTracker:
         return uri
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Send what is held back and end the run with `status`; with MLflow unreachable, warn instead
-        (the checkpoint keeps the epochs' metrics: running the run again sends them)."""
-        self._send_held_back(f"missing from MLflow run {self.run_id}: running the training run again sends them")
+        """Send what is held back, then the figures due, and end the run with `status`; with MLflow
+        unreachable, warn instead (the checkpoint keeps the epochs' metrics: running the run again
+        sends them)."""
+        self._deliver(f"missing from MLflow run {self.run_id}: running the training run again sends them",
+                      f"of the last epoch is missing from MLflow run {self.run_id}")
         self._attempt(lambda: terminate_run(self.client, self.run_id, status), f"run {self.run_id} not marked {status}")
 
     @property

@@ -33,12 +33,17 @@ import torch
 from mlflow import MlflowClient
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-from cluster.mlflow_server import start_mlflow_server
-from cluster.net import free_port
 from data_prep import object_store
 from pipelines.tracking import MODEL_URI_TAG, RUN_NAME_TAG, RunTracker
 from tests.conftest import RAY_AUTH_TOKEN, TEST_ACCESS_KEY, TEST_SECRET_KEY
-from tests.train_helpers import prepare_dataset, ray_job, tiny_config, train_entrypoint, write_config
+from tests.train_helpers import (
+    OwnMlflowServer,
+    prepare_dataset,
+    ray_job,
+    tiny_config,
+    train_entrypoint,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -161,20 +166,6 @@ def wait_for(condition, what: str, timeout_s: float = 120):
 
 def probe_metrics(epoch: int) -> dict[str, float]:
     return {"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.5 / epoch, "val_top1": 0.2 * epoch}
-
-
-class OwnMlflowServer:
-    """The scenario's own MLflow server, stopped and started again on the same port and files."""
-
-    def __init__(self, home: Path):
-        self.home, self.port = home, free_port()
-        self.start()
-
-    def start(self) -> None:
-        self.server = start_mlflow_server(self.home / "mlflow", self.port, self.home / "mlflow.log")
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 @pytest.fixture(scope="module")

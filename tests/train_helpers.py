@@ -1,5 +1,5 @@
-"""Shared by the training tests: small generated datasets and configs for a tiny model, and the
-`ray job` CLI that submits them."""
+"""Shared by the training tests: small generated datasets and configs for a tiny model, the
+`ray job` CLI that submits them, and an MLflow server of a test's own that it can stop and start."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Mapping
 import yaml
 from PIL import Image, ImageDraw
 
+from cluster.mlflow_server import start_mlflow_server
+from cluster.net import free_port
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
 
@@ -86,6 +88,21 @@ def ray_job(*args: str, check: bool = True, cwd: Path | None = None,
 def train_entrypoint(config_path: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "pipelines.train", "--config", str(config_path),
             *(part for item in overrides for part in ("--set", item))]
+
+
+class OwnMlflowServer:
+    """A test's own MLflow server, stopped and started again on the same port and files (the
+    session's is shared by the whole suite and must stay up)."""
+
+    def __init__(self, home: Path):
+        self.home, self.port = home, free_port()
+        self.start()
+
+    def start(self) -> None:
+        self.server = start_mlflow_server(self.home / "mlflow", self.port, self.home / "mlflow.log")
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 def all_reduce_totals(rank: int, init_file: str, parts: list, num_classes: int, out: str) -> None:
