@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "pipelines.evaluate",
     "pipelines.predict",
     "pipelines.promote",
+    "pipelines.registration",
     "pipelines.quickstart",
     "data_prep.cli",
     "cluster.cli",

@@ -166,13 +166,15 @@ def default_output(model_uri: str, split: str) -> Path:
 def evaluate_command(args: argparse.Namespace) -> int:
     from data_prep.storage import open_storage
     from pipelines.job_options import EvaluateOptions, resolve_options
+    from pipelines.mlflow_access import answering
 
     options = resolve_options(args, EvaluateOptions)
-    output = open_storage(options.output or str(default_output(options.model, options.split)))
-    output.check(create=True)  # before the evaluation: a bad --output fails at once
-    evaluation = run_evaluation(options.model, options.data, options.split, options.batch_size,
-                                options.loader_workers)
+    with answering(f"evaluating {options.model}"):
+        evaluation = run_evaluation(options.model, options.data, options.split, options.batch_size,
+                                    options.loader_workers)
     print(evaluation.summary())
+    output = open_storage(options.output or str(default_output(options.model, options.split)))
+    output.check(create=True)  # only now: a failed evaluation leaves no empty output behind
     print(f"wrote {', '.join(write_report(evaluation, output))}")
     return 0
 

@@ -1,61 +1,158 @@
 """A lease on an object-storage key: mutual exclusion between processes on any machine.
 
 Acquiring creates the key with an S3 conditional write (`If-None-Match: *`), so exactly one
-contender succeeds. The object's metadata names the holder and when the lease expires, so a lease
-whose holder died is broken once expired. Releasing deletes the key only while it is still ours
-(`If-Match` on our ETag). The registry uses it to serialise promotions of one model.
+contender succeeds. The object's metadata names the holder (host, process id and that process's
+start time) and when the lease expires. Held as a context manager, the lease is renewed in the
+background every third of its TTL by a conditional overwrite (`If-Match` on our ETag): a lease
+that was broken meanwhile is never silently taken again; the holder learns it from `check()` and
+when the block ends. So the TTL stays short (a minute) however long the lease is held.
+
+A waiting contender breaks the lease at once when its holder is a dead process on the same host
+(psutil), else when it has expired; meanwhile it says who holds it (once, then every
+`REPORT_EVERY_S`). `timeout_s=0` refuses at once, naming the holder. Releasing deletes the key only
+while it is still ours (`If-Match`). The registry uses it to serialise promotions of one model.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
 
 from data_prep.errors import UserError
-from data_prep.object_store import ObjectStore
+from data_prep.object_store import ObjectStore, StoredObject
+
+REPORT_EVERY_S = 60.0
+
+
+def _process_started(pid: int) -> str:
+    """The start time of process `pid` (tells it from a later process given the same id), or ""."""
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return ""
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @dataclass
 class Lease:
     store: ObjectStore
     key: str
-    ttl_s: float = 600.0
+    ttl_s: float = 60.0
     timeout_s: float = 300.0
     poll_s: float = 0.5
     etag: str | None = None
+    report: Callable[[str], None] = _to_stderr  # where the waiting messages go
+    lost: str | None = field(default=None, init=False)  # why the lease stopped being ours, while held
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _renewer: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
-    def holder(self) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}"
+    def url(self) -> str:
+        return f"s3://{self.store.bucket}/{self.key}"
+
+    def _metadata(self) -> dict[str, str]:
+        pid = os.getpid()
+        return {"holder": f"{socket.gethostname()}:{pid}", "host": socket.gethostname(), "pid": str(pid),
+                "pid-started": _process_started(pid), "expires-at": f"{time.time() + self.ttl_s:.3f}"}
 
     def acquire(self) -> Lease:
         deadline = time.monotonic() + self.timeout_s
+        next_report = time.monotonic()
         while True:
-            metadata = {"holder": self.holder, "expires-at": f"{time.time() + self.ttl_s:.3f}"}
-            # a unique body gives each holder its own ETag, which release checks against
-            self.etag = self.store.put_if_absent(self.key, uuid.uuid4().bytes, metadata)
+            # a unique body gives each holder its own ETag, which renewal and release check against
+            self.etag = self.store.put_if_absent(self.key, uuid.uuid4().bytes, self._metadata())
             if self.etag:
+                self.lost = None
                 return self
             current = self.store.head(self.key)
-            if current and float(current.metadata.get("expires-at", 0)) < time.time():
-                self.store.delete_if_match(self.key, current.etag)  # its holder died: break it
+            if current and self._breakable(current):
+                self.store.delete_if_match(self.key, current.etag)
                 continue
+            holder = describe_holder(current)
+            if self.timeout_s <= 0:
+                raise UserError(f"{self.url} is held by {holder}")
             if time.monotonic() > deadline:
-                holder = current.metadata.get("holder", "?") if current else "?"
-                raise UserError(f"s3://{self.store.bucket}/{self.key} is still held by {holder} after "
-                                f"{self.timeout_s:.0f}s; if that process is gone, delete the object")
+                raise UserError(f"{self.url} is still held by {holder} after {self.timeout_s:.0f}s; if that "
+                                "process is gone, delete the object")
+            if time.monotonic() >= next_report:
+                self.report(f"waiting for {self.url}: held by {holder}")
+                next_report = time.monotonic() + REPORT_EVERY_S
             time.sleep(self.poll_s)
 
+    def _breakable(self, current: StoredObject) -> bool:
+        """The holder is gone: its lease expired, or it was a process of this host that has ended."""
+        metadata = current.metadata
+        if float(metadata.get("expires-at", 0)) < time.time():
+            return True
+        if metadata.get("host") != socket.gethostname() or not metadata.get("pid", "").isdigit():
+            return False
+        return _process_started(int(metadata["pid"])) != metadata.get("pid-started")
+
+    def renew(self) -> bool:
+        """Extend the lease by its TTL if it is still ours; False (and `lost` says why) if not."""
+        etag = self.store._conditional(f"renew {self.key}", lambda: self.store.client.put_object(
+            Bucket=self.store.bucket, Key=self.key, Body=uuid.uuid4().bytes, Metadata=self._metadata(),
+            IfMatch=self.etag)["ETag"])
+        if etag is None:
+            self.lost = f"{self.url} was taken over or deleted while held by this process"
+            return False
+        self.etag = etag
+        return True
+
+    def check(self) -> None:
+        """`UserError` if the lease was lost while held."""
+        if self.lost:
+            raise UserError(self.lost)
+
+    def _keep_renewed(self) -> None:
+        expires = time.monotonic() + self.ttl_s
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.renew():
+                    return
+                expires = time.monotonic() + self.ttl_s
+            except UserError as error:  # the store did not answer: try again until the lease expires
+                if time.monotonic() > expires:
+                    self.lost = f"{self.url} expired: it could not be renewed ({error})"
+                    return
+
     def release(self) -> None:
+        self._stop.set()
+        if self._renewer:
+            self._renewer.join()
+            self._renewer = None
         if self.etag:
             self.store.delete_if_match(self.key, self.etag)
             self.etag = None
 
     def __enter__(self) -> Lease:
-        return self.acquire()
+        self.acquire()
+        self._stop.clear()
+        self._renewer = threading.Thread(target=self._keep_renewed, name=f"lease {self.key}", daemon=True)
+        self._renewer.start()
+        return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.release()
+        if exc_type is None:
+            self.check()
+
+
+def describe_holder(current: StoredObject | None) -> str:
+    """Who holds a lease, and until when, from its metadata."""
+    if current is None:
+        return "? (released meanwhile)"
+    expires = float(current.metadata.get("expires-at", 0))
+    until = time.strftime("%H:%M:%S", time.localtime(expires))
+    return f"{current.metadata.get('holder', '?')} (until {until} unless renewed)"

@@ -1,6 +1,12 @@
 """MLflow request policy, owned here: how long a request to the tracking server may take (bounded,
 quick retries instead of MLflow's default of about four minutes), which failures mean "the server
-did not answer", and how an error is shortened for one line without the URI's credentials."""
+did not answer" and which a real "not found", and how an error becomes one line without the URI's
+credentials.
+
+Commands that use the registry or load models (`predict`, `evaluate`, `promote`, `register`) run
+their MLflow calls inside `answering(...)`: with the tracking server down they end in about 3 s
+(a refused connection; 3 attempts) or at most 3 x 30 s (a server that accepts and never answers),
+in one line naming the server, instead of MLflow's ~250 s of silent retries."""
 
 from __future__ import annotations
 
@@ -9,12 +15,15 @@ import os
 import re
 from typing import Iterator
 
+from data_prep.errors import UserError
+
 # Per request: 3 attempts over about 3 s (urllib3 backoff 0 s, then 2 s plus jitter) and 30 s to
 # answer, instead of MLflow's 8 attempts over about 4 minutes. A user's own setting of one of these
 # variables wins.
 QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _USERINFO = re.compile(r"(?<=://)[^/@]+@")
+_MISSING_ALIAS = re.compile(r"alias .* not found", re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -40,12 +49,62 @@ def unreachable(error: Exception) -> bool:
     return isinstance(error, requests.RequestException)  # artifact uploads: HTTP errors, broken connections
 
 
+def not_found(error: Exception) -> bool:
+    """True only for MLflow's answer that the thing asked for does not exist (RESOURCE_DOES_NOT_EXIST,
+    HTTP 404, or the registry's "alias ... not found", which it sends as INVALID_PARAMETER_VALUE)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(error, MlflowException):
+        return False
+    missing_alias = error.error_code == "INVALID_PARAMETER_VALUE" and _MISSING_ALIAS.search(error.message or "")
+    return error.error_code == "RESOURCE_DOES_NOT_EXIST" or error.get_http_status_code() == 404 or bool(missing_alias)
+
+
+def tracking_server() -> str:
+    """The tracking URI in use, without credentials."""
+    import mlflow
+
+    return without_credentials(mlflow.get_tracking_uri())
+
+
+def failure(error: Exception, doing: str) -> UserError:
+    """`error`, met while `doing`, as one line: the server named if it did not answer."""
+    if unreachable(error):
+        return UserError(f"the MLflow server {tracking_server()} did not answer ({doing}): {short(error)}")
+    return UserError(f"MLflow refused {doing}: {short(error)}")
+
+
+@contextlib.contextmanager
+def answering(doing: str) -> Iterator[None]:
+    """MLflow requests in this block use quick retries; a server that does not answer ends it in one
+    `UserError` line naming the server (`doing` says what was being done)."""
+    with quick_retries():
+        try:
+            yield
+        except Exception as error:
+            if not unreachable(error):
+                raise
+            raise failure(error, doing) from None
+
+
+def check_model_uri(model_uri: str) -> None:
+    """`UserError` unless `model_uri` has a scheme (models:/, runs:/, s3://, ...) or is an existing path."""
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    if not urlsplit(model_uri).scheme and not Path(model_uri).exists():
+        raise UserError(f"{model_uri!r} is not a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, "
+                        "runs:/RUN_ID/PATH, s3://..., ...) nor a model directory")
+
+
 def without_credentials(text: str) -> str:
     """`text` with the `user:password@` of any URI in it left out."""
     return _USERINFO.sub("", text)
 
 
 def short(error: Exception, head: int = 100, tail: int = 100) -> str:
-    """The error's first line, its middle left out if long (MLflow's put the cause at the end)."""
-    line = (without_credentials(str(error)).splitlines() or [type(error).__name__])[0]
+    """The error's message on one line, its middle left out if long (MLflow's put the cause at the end)."""
+    message = getattr(error, "message", None) or str(error)  # MlflowException: without its error code
+    line = " ".join(part.strip() for part in without_credentials(str(message)).splitlines() if part.strip())
+    line = line or type(error).__name__
     return line if len(line) <= head + tail + 5 else f"{line[:head]} ... {line[-tail:]}"

@@ -1,13 +1,16 @@
 """`vitae predict`: the top-k classes of image files, with names and probabilities, through the
 model's pyfunc interface (what `mlflow.pyfunc.load_model` and a serving endpoint run).
 
-The files are read and decoded before the model is loaded, so a bad path or a file that is not an
-image ends the command at once, in one line (exit 2).
+The files are read and decoded before the model is loaded. Those that cannot be read or are not
+images are left out: the others are scored and printed, then one line on stderr names the ones left
+out (exit 2); when none is left, the command ends at once, before loading the model. MLflow requests
+use quick retries (`mlflow_access.answering`): a tracking server that is down is one line naming it.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,20 +30,42 @@ def predict_command(args: argparse.Namespace) -> int:
     import mlflow.pyfunc
 
     from data_prep.errors import UserError
+    from pipelines.mlflow_access import answering
     from pipelines.serving import loading
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    pictures = [read_image(path) for path in args.images]
-    with loading(args.model):
-        model = mlflow.pyfunc.load_model(args.model)
-    predictions = model.predict(pictures, params={"top_k": args.top_k})
+    readable, problems = read_images(args.images)
+    if readable:
+        paths, pictures = zip(*readable)
+        with answering(f"loading model {args.model}"), loading(args.model):
+            model = mlflow.pyfunc.load_model(args.model)
+        print_predictions(paths, model.predict(list(pictures), params={"top_k": args.top_k}))
+    if problems:
+        raise UserError(problems[0] if len(problems) == 1 and not readable else
+                        f"{len(problems)} of {len(args.images)} images not scored: {'; '.join(problems)}")
+    return 0
+
+
+def read_images(paths: list[str]) -> tuple[list[tuple[str, object]], list[str]]:
+    """(path, decoded image) of each file that could be read and decoded, and a line for each other."""
+    from data_prep.errors import UserError
+
+    readable, problems = [], []
+    for path in paths:
+        try:
+            readable.append((path, read_image(path)))
+        except UserError as error:
+            problems.append(str(error))
+    return readable, problems
+
+
+def print_predictions(paths: Sequence[str], predictions) -> None:
     width = max(len(name) for names in predictions["class_names"] for name in names)
-    for path, names, probabilities in zip(args.images, predictions["class_names"], predictions["probabilities"]):
+    for path, names, probabilities in zip(paths, predictions["class_names"], predictions["probabilities"]):
         print(path)
         for rank, (name, probability) in enumerate(zip(names, probabilities), start=1):
             print(f"  {rank}. {name:<{width}}  {probability:7.2%}")
-    return 0
 
 
 def read_image(path: str):

@@ -3,7 +3,10 @@ both scored by `evaluate.evaluate_model` on the same split, through `registry.pr
 
 `promote_registered` is the entry point the sweep calls after registering its best trial. It holds
 a lease at `<lock-url>/locks/registry/<NAME>` (default lock URL: `s3://$VITAE_CHECKPOINT_BUCKET`)
-from reading the champion to moving the aliases, so concurrent promotions of one model serialise.
+from reading the champion to moving the aliases, so concurrent promotions of one model serialise
+(the lease is renewed while held; a killed holder on this host is noticed at once, one elsewhere
+within `LEASE_TTL_S`; a waiting promotion says who holds it). MLflow requests use quick retries
+(`mlflow_access.answering`): with the server down, promote and rollback fail in one line naming it.
 The dataset is `--data`, else the `dataset_url` tag of the challenger version. Every promotion and
 rollback is logged as a run of the MLflow experiment `promotions/<NAME>` (params: challenger,
 champion, margin, metric, data; metrics: both models' scores; `promotion.json`), and each evaluated
@@ -28,9 +31,10 @@ if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
 
 LOCK_BUCKET_ENV = "VITAE_CHECKPOINT_BUCKET"
 LOCK_PREFIX = "locks/registry"
-# A promotion evaluates two models while it holds the lease: it must finish within the lease's
-# lifetime (else a waiting promotion may break the lease), and a waiting one waits as long.
-LEASE_TTL_S = 3 * 3600.0
+# The lease is renewed every third of its TTL while a promotion holds it (evaluating two models may
+# take long); a waiting promotion gives up after LEASE_WAIT_S.
+LEASE_TTL_S = 60.0
+LEASE_WAIT_S = 3600.0
 EXPERIMENT_PREFIX = "promotions/"  # + the registered model's name
 METRICS = ("top1", "top5")  # higher is better, as `registry.promote` compares
 
@@ -63,9 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def promote_command(args: argparse.Namespace) -> int:
-    import mlflow
-
     from pipelines.job_options import PromoteOptions, resolve_options
+    from pipelines.mlflow_access import tracking_server
 
     options = resolve_options(args, PromoteOptions)
     if options.rollback:
@@ -77,7 +80,7 @@ def promote_command(args: argparse.Namespace) -> int:
                                        version=str(options.version) if options.version else None,
                                        margin=options.margin, metric=options.metric, lock_url=options.lock_url)
         print(f"{'promoted' if promotion.promoted else 'not promoted'}: {promotion.reason}")
-    print(f"logged to the MLflow experiment {EXPERIMENT_PREFIX}{options.model} at {mlflow.get_tracking_uri()}")
+    print(f"logged to the MLflow experiment {EXPERIMENT_PREFIX}{options.model} at {tracking_server()}")
     return 0
 
 
@@ -88,30 +91,34 @@ def promote_registered(model_name: str, data_url: str | None = None, *, split: s
     `margin` on `split` of `data_url` (default: the version's `dataset_url` tag); log the outcome."""
     from pipelines import registry
     from pipelines.evaluate import evaluate_model
+    from pipelines.mlflow_access import answering
 
     if metric not in METRICS:
         raise UserError(f"promotion metric {metric!r}: expected one of {', '.join(METRICS)}")
-    challenger = registry.challenger_version(model_name, version)
-    data_url = data_url or recorded_dataset(model_name, challenger)
-    evaluations: dict[str, dict[str, float]] = {}  # model URI -> metrics, for the log
+    with answering(f"promoting {model_name}"):
+        challenger = registry.challenger_version(model_name, version)
+        data_url = data_url or recorded_dataset(model_name, challenger)
+        evaluations: dict[str, dict[str, float]] = {}  # model URI -> metrics, for the log
 
-    def evaluate(model_uri: str) -> dict[str, float]:
-        evaluations[model_uri] = evaluate_model(model_uri, data_url, split)
-        return evaluations[model_uri]
+        def evaluate(model_uri: str) -> dict[str, float]:
+            evaluations[model_uri] = evaluate_model(model_uri, data_url, split)
+            return evaluations[model_uri]
 
-    promotion = registry.promote(model_name, evaluate, version=challenger, metric=metric, margin=margin,
-                                 lease=registry_lease(model_name, lock_url))
-    log_promotion(promotion, evaluations, data_url, split)
+        promotion = registry.promote(model_name, evaluate, version=challenger, metric=metric, margin=margin,
+                                     lease=registry_lease(model_name, lock_url))
+        log_promotion(promotion, evaluations, data_url, split)
     return promotion
 
 
 def rollback_registered(model_name: str, lock_url: str | None = None) -> tuple[str, str | None]:
     """Make @previous-champion the champion again; returns (champion, the version it replaced)."""
     from pipelines import registry
+    from pipelines.mlflow_access import answering
 
-    champion, replaced = registry.rollback(model_name, lease=registry_lease(model_name, lock_url))
-    log_run(model_name, f"rollback to v{champion}", {"action": "rollback", "champion": champion,
-                                                     "replaced": replaced or "none"}, {}, {})
+    with answering(f"rolling back {model_name}"):
+        champion, replaced = registry.rollback(model_name, lease=registry_lease(model_name, lock_url))
+        log_run(model_name, f"rollback to v{champion}", {"action": "rollback", "champion": champion,
+                                                         "replaced": replaced or "none"}, {}, {})
     return champion, replaced
 
 
@@ -119,12 +126,15 @@ def recorded_dataset(model_name: str, version: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from pipelines.mlflow_access import failure, not_found
     from pipelines.registry import DATASET_URL_TAG
 
     try:
         tags = MlflowClient().get_model_version(model_name, version).tags
-    except MlflowException:
-        raise UserError(f"registered model {model_name!r} has no version {version}") from None
+    except MlflowException as error:
+        if not_found(error):
+            raise UserError(f"registered model {model_name!r} has no version {version}") from None
+        raise failure(error, f"reading {model_name} version {version}") from None
     if DATASET_URL_TAG not in tags:
         raise UserError(f"{model_name} version {version} has no {DATASET_URL_TAG!r} tag: pass --data DEST")
     return tags[DATASET_URL_TAG]
@@ -138,7 +148,7 @@ def registry_lease(model_name: str, lock_url: str | None) -> Lease:
     if lock_url is None:
         raise UserError(f"no place for the promotion lock: pass --lock-url s3://BUCKET or set {LOCK_BUCKET_ENV}")
     location = parse_s3_url(lock_url).join(f"{LOCK_PREFIX}/{model_name}")
-    return Lease(shared_store(location.bucket), location.key, ttl_s=LEASE_TTL_S, timeout_s=LEASE_TTL_S)
+    return Lease(shared_store(location.bucket), location.key, ttl_s=LEASE_TTL_S, timeout_s=LEASE_WAIT_S)
 
 
 def log_promotion(promotion: Promotion, evaluations: Mapping[str, Mapping[str, float]], data_url: str,

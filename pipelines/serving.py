@@ -165,13 +165,20 @@ def save_model(pytorch_model: nn.Module, path: str, mlflow_model=None, **pytorch
 
 @contextlib.contextmanager
 def loading(model_uri: str) -> Iterator[None]:
-    """MLflow's failures to find or read `model_uri` (no such model, version or alias) as `UserError`."""
+    """MLflow's failures to find or read `model_uri` (no such model, version or alias; a server that
+    does not answer) as one `UserError` line; a `model_uri` that is neither a URI nor a path is refused
+    before MLflow is asked."""
     from mlflow.exceptions import MlflowException
 
+    from pipelines.mlflow_access import check_model_uri, failure, short, unreachable
+
+    check_model_uri(model_uri)
     try:
         yield
     except MlflowException as error:
-        raise UserError(f"cannot load model {model_uri}: {str(error.message).strip().splitlines()[0]}") from None
+        if unreachable(error):
+            raise failure(error, f"loading model {model_uri}") from None
+        raise UserError(f"cannot load model {model_uri}: {short(error)}") from None
 
 
 def load_classifier(path: str, device: torch.device = torch.device("cpu")) -> tuple[nn.Module, ClassifierInfo]:

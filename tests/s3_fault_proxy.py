@@ -1,4 +1,5 @@
-"""A fault-injecting HTTP proxy in front of an S3 server, for tests of retries and error reporting.
+"""A fault-injecting HTTP proxy in front of an S3 server (or any HTTP server, e.g. `mlflow server`),
+for tests of retries and error reporting.
 
     proxy = FaultProxy("http://127.0.0.1:5000", seed=1, slowdown=0.2, drop=0.1, cut=0.1).start()
     ... point clients at proxy.endpoint (boto3, pyarrow, Ray workers: AWS_ENDPOINT_URL_S3) ...
@@ -18,7 +19,10 @@ A request (method, path without the query, Range) that draws a fault fails `burs
 transient faults that need `burst + 1` attempts. Whether it draws one depends only on the seed, the
 request and how many times it was seen before, not on the order in which threads send requests: a
 run that makes the same requests meets the same faults. With `down` set, every request fails with
-a 503 or a drop.
+a 503 or a drop. `refuse`, a predicate of (method, path with query), picks requests that are always
+answered 503 and never relayed, e.g. only MLflow's read of one alias:
+
+    proxy.refuse = lambda method, path: method == "GET" and "alias=champion" in path
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import random
 import sys
 import threading
 from collections import Counter
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "expect"}
 SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                  b"<Message>Please reduce your request rate.</Message><RequestId>fault-proxy</RequestId></Error>")
+REFUSED_BODY = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "refused by the fault proxy"}'
 FAULTS = ("slowdown", "drop", "cut")
 
 
@@ -53,6 +59,7 @@ class FaultProxy:
         self.rates = {"slowdown": slowdown, "drop": drop, "cut": cut}
         self.burst = burst
         self.down = False
+        self.refuse: Callable[[str, str], bool] = lambda method, path: False
         self.seed = seed
         self.counts: Counter[tuple[str, str]] = Counter()  # (client, "forwarded" or a fault) -> requests
         self._seen: Counter[tuple[str, str, str]] = Counter()
@@ -131,6 +138,10 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def relay(self) -> None:
             body = self.request_body()
             client = client_of(self.headers.get("User-Agent", ""))
+            if proxy.refuse(self.command, self.path):
+                proxy.count(client, "refused")
+                self.respond(503, [("Content-Type", "application/json")], REFUSED_BODY)
+                return
             fault = proxy.decide((self.command, urlsplit(self.path).path, self.headers.get("Range", "")))
             if fault == "slowdown":
                 proxy.count(client, fault)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -146,3 +150,98 @@ def test_lease_excludes_and_breaks_expired_holders(lock_store):
     assert lock_store.head(key) is not None
     successor.release()
     assert lock_store.head(key) is None
+
+
+def test_a_second_rollback_is_refused_until_the_next_promotion(model_name):
+    first = register_version(model_name, 0.6)
+    registry.promote(model_name, evaluate_by_tag())
+    second = register_version(model_name, 0.7)
+    registry.promote(model_name, evaluate_by_tag())
+    assert registry.rollback(model_name) == (first, second)
+    with pytest.raises(UserError, match=f"already rolled back from version {second} .*--version {second}"):
+        registry.rollback(model_name)  # would swap back to the version rolled back from
+    assert aliases(model_name) == {"champion": first, "challenger": second, "previous-champion": second}
+    third = register_version(model_name, 0.8)
+    assert registry.promote(model_name, evaluate_by_tag()).promoted
+    assert registry.rollback(model_name) == (first, third)  # a new promotion can be rolled back
+
+
+HOLD_UNTIL_KILLED = """
+import pathlib, sys, time
+from pipelines import registry
+from pipelines.promote import registry_lease
+
+model_name, lock_url, ready = sys.argv[1:]
+
+def evaluate(model_uri):  # holding the lease: say so, then wait to be killed
+    pathlib.Path(ready).touch()
+    time.sleep(600)
+
+registry.promote(model_name, evaluate, lease=registry_lease(model_name, lock_url))
+"""
+
+
+def wait_for(condition, deadline_s: float, what: str, context=lambda: "") -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {deadline_s:.0f}s; {context()}"
+        time.sleep(0.1)
+
+
+def test_a_promotion_killed_while_holding_the_lease_does_not_block_the_next(model_name, lock_store, tmp_path):
+    from pipelines.promote import registry_lease
+
+    register_version(model_name, 0.5)
+    lock_url, ready = f"s3://{lock_store.bucket}/killed", tmp_path / "holding"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_KILLED, model_name, lock_url, str(ready)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: ready.exists() or holder.poll() is not None, 180, "the holder took the lease")
+        assert ready.exists(), f"the holder exited {holder.returncode}: {holder.stdout.read()[-3000:]}"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    lease = registry_lease(model_name, lock_url)
+    assert lock_store.head(lease.key) is not None  # the dead process still "holds" it
+    lease.timeout_s = 30  # bounded: without breaking dead holders this fails after 30 s, not 1 h
+    started = time.monotonic()
+    assert registry.promote(model_name, evaluate_by_tag(), lease=lease).promoted
+    assert time.monotonic() - started < 10
+
+
+def foreign_lease(store: ObjectStore, key: str, ttl_s: float = 60) -> None:
+    """A lease held by a live process of another host (as its metadata says)."""
+    assert store.put_if_absent(key, b"x", {"holder": "other-host:4242", "host": "other-host", "pid": "4242",
+                                           "pid-started": "1.00", "expires-at": f"{time.time() + ttl_s:.3f}"})
+
+
+def test_a_lease_of_a_live_holder_elsewhere_blocks_and_is_reported(lock_store):
+    key = f"locks/{uuid.uuid4().hex}"
+    foreign_lease(lock_store, key)
+    reports: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"still held by other-host:4242 \(until .*\) after 2s"):
+        Lease(lock_store, key, timeout_s=2, poll_s=0.1, report=reports.append).acquire()
+    assert time.monotonic() - started >= 2
+    assert reports == [f"waiting for s3://{lock_store.bucket}/{key}: held by " + reports[0].split("held by ")[1]]
+    assert reports[0].split("held by ")[1].startswith("other-host:4242 (until ")
+    with pytest.raises(UserError, match=r"^s3://\S+ is held by other-host:4242 \(until "):
+        Lease(lock_store, key, timeout_s=0).acquire()  # refused at once
+    assert lock_store.head(key).metadata["holder"] == "other-host:4242"
+
+
+def test_a_held_lease_is_renewed_beyond_its_ttl_and_learns_when_it_is_lost(lock_store):
+    key = f"locks/{uuid.uuid4().hex}"
+    with Lease(lock_store, key, ttl_s=1.0) as held:
+        first_expiry = float(lock_store.head(key).metadata["expires-at"])
+        wait_for(lambda: time.time() > first_expiry + 1.0, 10, "the first TTL passed")
+        with pytest.raises(UserError, match="is held by .*:%d " % os.getpid()):
+            Lease(lock_store, key, timeout_s=0).acquire()  # renewed: not expired, not breakable
+        held.check()
+    assert lock_store.head(key) is None
+
+    with pytest.raises(UserError, match="taken over or deleted while held"):
+        with Lease(lock_store, key, ttl_s=1.0) as held:
+            lock_store.delete(key)  # broken by someone else
+            wait_for(lambda: held.lost is not None, 10, "the renewal noticed the loss")
+    assert lock_store.head(key) is None  # not silently taken again
