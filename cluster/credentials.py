@@ -8,28 +8,20 @@ in `runtime_env_agent.log` on every node. A shared credentials file (the format 
 pyarrow's S3 filesystem (the AWS C++ SDK) alike, and nothing copies its contents anywhere.
 
 Credential variables override the file in both SDKs, so whoever hands out the file also removes
-them (`without_credential_variables`). The module also owns writing such private files.
+them (`without_credential_variables`).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
+
+from cluster.private_files import write_private_file
 
 CREDENTIALS_FILE_VARIABLE = "AWS_SHARED_CREDENTIALS_FILE"
 # What the SDKs would prefer to the file: keys, session tokens, and a profile the file lacks.
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                         "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Replace `path` atomically with `text`, readable by the owner only."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as stream:
-        stream.write(text)
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
 
 
 def write_credentials_file(path: Path, access_key_id: str, secret_access_key: str) -> Path:

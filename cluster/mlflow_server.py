@@ -2,7 +2,8 @@
 
 Everything lives under one home directory and survives restarts: `mlflow.db` (runs, registry) and
 `artifacts/` (served by the server itself: clients, Ray workers included, upload and download
-through `mlflow-artifacts:/` URIs and need no object-store credentials).
+through `mlflow-artifacts:/` URIs and need no object-store credentials). The home is 0700 and the
+server runs with umask 077 (see `private_files`): the server has no authentication of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from cluster import processes
 from cluster.net import LOOPBACK, http_ok, wait_until
+from cluster.private_files import private_directory
 
 # One worker process: several processes writing one sqlite file lock it.
 WORKERS = 1
@@ -38,7 +40,7 @@ def start_mlflow_server(home: Path, port: int, log_path: Path, timeout_s: float 
 
     It runs in a session of its own (see `processes.launch`) and outlives the caller.
     """
-    home.mkdir(parents=True, exist_ok=True)
+    private_directory(home)
     argv = [
         sys.executable, "-m", "mlflow", "server",
         "--host", LOOPBACK,

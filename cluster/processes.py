@@ -2,8 +2,9 @@
 
 A process is recognised by its PID together with its start time and command line as `ps` reports
 them, so a PID that the system has since handed to an unrelated process is never signalled. Each
-service runs as the leader of its own session; stopping it stops that process group and every
-descendant that left the group (Ray gives each worker a process group of its own).
+service runs with umask 077 (see `private_files`), normally as the leader of its own session; stopping it
+stops that process group and every descendant that left the group (Ray gives each worker a process
+group of its own).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from cluster.private_files import PRIVATE_UMASK, open_private_append
 from data_prep.errors import UserError
 
 
@@ -78,16 +80,23 @@ def _family(table: dict[int, _Row], leader: int) -> set[ProcessId]:
     return {table[pid].id for pid in pids if not table[pid].zombie}
 
 
-def launch(argv: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Start `argv` in a new session, output appended to `log_path`; it outlives the caller."""
-    with open(log_path, "ab") as log:
+def launch(
+    argv: list[str], log_path: Path | None, env: Mapping[str, str] | None = None, detach: bool = True
+) -> subprocess.Popen:
+    """Start `argv` with umask 077, output appended to `log_path` (a private file) or discarded.
+
+    `detach` starts it in a new session: it outlives the caller, and a terminal's Ctrl-C does not
+    reach it.
+    """
+    with open_private_append(log_path) if log_path else open(os.devnull, "ab") as log:
         return subprocess.Popen(
             argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else None,
-            start_new_session=True,
+            start_new_session=detach,
+            umask=PRIVATE_UMASK,
         )
 
 

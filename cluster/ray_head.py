@@ -17,7 +17,8 @@ written.
 
 Coexistence. Every port is chosen per node, including those with fixed defaults (dashboard 8265,
 client server 10001, agent 52365, metrics 44217/44227), and `--temp-dir` keeps the session files
-and `ray_current_cluster` apart from other clusters'. `ray stop` stops every Ray process on the
+and `ray_current_cluster` apart from other clusters'; it is private to the user (Ray's own temp
+dir is one level down: `ray_session_root`). `ray stop` stops every Ray process on the
 machine, so a node is only ever stopped through its own process family (`processes.stop`).
 """
 
@@ -35,6 +36,7 @@ from typing import Callable, Mapping, TypeVar
 from cluster import processes
 from cluster.credentials import CREDENTIALS_FILE_VARIABLE, without_credential_variables
 from cluster.net import LOOPBACK, http_ok, wait_until
+from cluster.private_files import private_directory
 
 # `ray start` options that take a port: those of the head only, then those of every node.
 HEAD_PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port")
@@ -143,13 +145,28 @@ def disconnect_driver() -> None:
 
 
 def ray_temp_dir(owner: Path) -> Path:
-    """A short per-owner directory for a node's session files.
+    """A short per-owner directory for a node's session files (0700 once the node starts).
 
     Ray puts unix sockets under it, and a socket path must stay under ~107 bytes, which a temp dir
     inside a deep project or pytest directory would exceed.
     """
     digest = hashlib.sha256(str(owner.resolve()).encode()).hexdigest()[:12]
     return Path("/tmp") / f"vitae-ray-{digest}"
+
+
+def ray_session_root(temp_dir: Path) -> Path:
+    """Ray's own `--temp-dir`, inside the node's private `temp_dir`: Ray makes it and every session
+    directory 0777 (see `cluster.private_files`)."""
+    return temp_dir / "ray"
+
+
+def ray_session_logs(temp_dir: Path) -> Path:
+    """The logs of the node's latest session."""
+    return ray_session_root(temp_dir) / "session_latest" / "logs"
+
+
+def _temp_dir_flag(temp_dir: Path) -> str:
+    return f"--temp-dir={ray_session_root(private_directory(temp_dir))}"
 
 
 def ray_node_healthy(ports: Mapping[str, int], host: str = LOOPBACK) -> bool:
@@ -188,7 +205,7 @@ def start_ray_head(
         f"--dashboard-host={host}",
         "--include-dashboard=true",
         f"--num-cpus={num_cpus}",
-        f"--temp-dir={temp_dir}",
+        _temp_dir_flag(temp_dir),
         "--disable-usage-stats",
         "--log-style=record",
         *(f"--{flag}={ports[flag]}" for flag in PORT_FLAGS),
@@ -228,7 +245,7 @@ def start_ray_worker_node(
         f"--node-ip-address={host}",
         f"--num-cpus={num_cpus}",
         f"--resources={json.dumps(dict(resources))}",
-        f"--temp-dir={temp_dir}",
+        _temp_dir_flag(temp_dir),
         "--disable-usage-stats",
         "--log-style=record",
         *(f"--{flag}={ports[flag]}" for flag in NODE_PORT_FLAGS),

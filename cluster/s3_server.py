@@ -7,12 +7,12 @@ processes reach it over HTTP like any S3 endpoint, which an in-process mock coul
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster import processes
 from cluster.net import LOOPBACK, free_port, http_ok, wait_until
 
 REGION = "us-east-1"  # moto ignores regions; clients still need one
@@ -49,14 +49,8 @@ def start_s3_server(
     `detach=True` starts it in a new session so that it outlives the calling command.
     """
     port = port or free_port(host)
-    with open(log_path or os.devnull, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=detach,
-        )
+    argv = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+    process = processes.launch(argv, log_path, detach=detach)
     endpoint = f"http://{host}:{port}"
     try:
         wait_until(lambda: s3_server_healthy(endpoint), f"S3 server at {endpoint}", timeout_s, process)

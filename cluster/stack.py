@@ -11,7 +11,9 @@ A stack lives in one directory:
 
 `up` starts every service that is not running (one whose recorded process died starts again, on
 its previous port when that is free) and reuses the rest; `down` stops exactly the recorded
-processes. The S3 server keeps objects in memory: they are lost whenever it stops.
+processes. The S3 server keeps objects in memory: they are lost whenever it stops. Everything in
+the directory is private to the user (files 0600, directories 0700: see `private_files`), and so
+is the Ray head's temp dir.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from cluster import processes
-from cluster.credentials import (
-    CREDENTIAL_VARIABLES,
-    credentials_file_env,
-    write_credentials_file,
-    write_private_file,
-)
+from cluster.credentials import CREDENTIAL_VARIABLES, credentials_file_env, write_credentials_file
 from cluster.mlflow_server import mlflow_server_healthy, start_mlflow_server
 from cluster.net import LOOPBACK, free_port, port_is_free, wait_until
+from cluster.private_files import (
+    make_tree_private,
+    open_private_append,
+    private_directory,
+    write_private_file,
+)
 from cluster.processes import ProcessId
 from cluster.ray_head import (
     PORT_NAMES,
@@ -45,6 +48,7 @@ from cluster.ray_head import (
     gcs_address,
     ray_client_env,
     ray_head_healthy,
+    ray_session_logs,
     ray_temp_dir,
     start_ray_head,
 )
@@ -217,8 +221,8 @@ class Stack:
         """Hold the stack directory's lock (created if missing) for one command."""
         try:
             for directory in (self.directory, self.logs, self.directory / "mlflow"):
-                directory.mkdir(parents=True, exist_ok=True)
-            lock = open(self.directory / ".lock", "w")
+                private_directory(directory)
+            lock = open_private_append(self.directory / ".lock")
         except OSError as error:
             raise UserError(f"cannot use {self.directory} as stack directory: {error.strerror}") from None
         with lock:
@@ -239,6 +243,7 @@ class Stack:
     def up(self, requested: Mapping[str, object]) -> list[ServiceStatus]:
         """Start what is not running, reuse what is; write stack.env. `requested`: StackSettings fields."""
         with self.locked():
+            make_tree_private(self.directory)  # what an older version left readable
             state = self.load()
             running = set() if state is None else {n for n in SERVICES if self._is_running(state, n)}
             state = self._settle_settings(state, requested, running)
@@ -374,8 +379,10 @@ class Stack:
 
     def _link_ray_logs(self, temp_dir: Path) -> None:
         link = self.logs / "ray-session"
+        if link.is_symlink() and link.readlink() != ray_session_logs(temp_dir):
+            link.unlink()  # made by an older version, for another layout
         if not link.is_symlink():
-            link.symlink_to(temp_dir / "session_latest" / "logs")
+            link.symlink_to(ray_session_logs(temp_dir))
 
     def _env_file(self, state: StackState) -> str:
         lines = [

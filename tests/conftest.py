@@ -2,8 +2,10 @@
 
 They start once, through the same code as `vitae stack up` (cluster/): a moto S3 server, an MLflow
 server (sqlite backend, proxied artifacts) and a Ray head (`ray start --head` on loopback, token
-authentication, oversubscribed logical CPUs). Each fixture points the test process at its service
-through the standard environment variables and restores them when the session ends.
+authentication, oversubscribed logical CPUs). `s3_endpoint`, `mlflow_server` and `ray_cluster` point
+the test process at their service through the standard environment variables and restore them when
+the session ends; `s3_service`, `mlflow_service`, `ray_cluster` and `service_homes` give the
+processes and their files, for the checks that they listen and store privately.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import contextlib
 import os
 import secrets
 import shutil
+from pathlib import Path
 from typing import Iterator, Mapping
 
 import pytest
 
 from cluster.credentials import CREDENTIAL_VARIABLES, credentials_file_env, write_credentials_file
-from cluster.mlflow_server import start_mlflow_server
+from cluster.mlflow_server import MlflowServer, start_mlflow_server
 from cluster.net import free_port, free_ports
 from cluster.ray_head import (
     PORT_NAMES,
@@ -28,7 +31,7 @@ from cluster.ray_head import (
     ray_temp_dir,
     start_ray_head,
 )
-from cluster.s3_server import start_s3_server
+from cluster.s3_server import S3Server, start_s3_server
 
 # Planted, fake credentials: security tests grep logs and artifacts for these exact values. Drawn at
 # import, like the Ray token, so that they exist only at run time: a copy of this file (a job's
@@ -63,40 +66,57 @@ def _environ(values: Mapping[str, str], unset: tuple[str, ...] = ()) -> Iterator
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
-    """A real moto S3 server process; the S3 environment variables point every client at it, with
-    the planted credentials in a credentials file, as the embedded stack hands them out."""
-    home = tmp_path_factory.mktemp("s3")
-    server = start_s3_server(log_path=home / "moto.log")
-    credentials = write_credentials_file(home / "aws-credentials", TEST_ACCESS_KEY, TEST_SECRET_KEY)
+def service_homes(tmp_path_factory) -> dict[str, Path]:
+    """Where each session service keeps its files and logs (S3: its credentials file)."""
+    return {name: tmp_path_factory.mktemp(name) for name in ("s3", "mlflow", "ray")}
+
+
+@pytest.fixture(scope="session")
+def s3_service(service_homes) -> Iterator[S3Server]:
+    """A real moto S3 server process."""
+    server = start_s3_server(log_path=service_homes["s3"] / "moto.log")
     try:
-        with _environ(
-            {
-                "AWS_ENDPOINT_URL_S3": server.endpoint,
-                **credentials_file_env(credentials),
-                "AWS_DEFAULT_REGION": "us-east-1",
-            },
-            unset=CREDENTIAL_VARIABLES,
-        ):
-            yield server.endpoint
+        yield server
     finally:
         server.stop()
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (sqlite, artifacts served by it); MLFLOW_TRACKING_URI points at it."""
-    home = tmp_path_factory.mktemp("mlflow")
+def s3_endpoint(s3_service, service_homes):
+    """The S3 server's endpoint; the S3 environment variables point every client at it, with the
+    planted credentials in a credentials file, as the embedded stack hands them out."""
+    credentials = write_credentials_file(service_homes["s3"] / "aws-credentials", TEST_ACCESS_KEY, TEST_SECRET_KEY)
+    with _environ(
+        {
+            "AWS_ENDPOINT_URL_S3": s3_service.endpoint,
+            **credentials_file_env(credentials),
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+        unset=CREDENTIAL_VARIABLES,
+    ):
+        yield s3_service.endpoint
+
+
+@pytest.fixture(scope="session")
+def mlflow_service(service_homes) -> Iterator[MlflowServer]:
+    """A real `mlflow server` (sqlite, artifacts served by it)."""
+    home = service_homes["mlflow"]
     server = start_mlflow_server(home, free_port(), home / "mlflow.log")
     try:
-        with _environ({"MLFLOW_TRACKING_URI": server.uri}):
-            yield server.uri
+        yield server
     finally:
         server.stop()
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory, s3_endpoint, mlflow_server):
+def mlflow_server(mlflow_service):
+    """The MLflow server's URI; MLFLOW_TRACKING_URI points at it."""
+    with _environ({"MLFLOW_TRACKING_URI": mlflow_service.uri}):
+        yield mlflow_service.uri
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(service_homes, s3_endpoint, mlflow_server):
     """A real Ray head (`ray start --head`, token auth, 8 logical CPUs); yields its `RayHead`.
 
     RAY_ADDRESS (the GCS, for `ray.init()` and Ray Train/Tune) and RAY_API_SERVER_ADDRESS (for job
@@ -104,7 +124,7 @@ def ray_cluster(tmp_path_factory, s3_endpoint, mlflow_server):
     workers included, sees the S3 and MLflow settings of the fixtures above, as the nodes of a
     configured cluster would.
     """
-    home = tmp_path_factory.mktemp("ray")
+    home = service_homes["ray"]
     ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
     head = start_ray_head(ports, RAY_NUM_CPUS, RAY_AUTH_TOKEN, ray_temp_dir(home), home / "ray.log")
     try:

@@ -1,7 +1,9 @@
 """The session's services keep secrets and listen privately: the planted S3 credentials and the Ray
 token never reach a log (the Ray head's session logs, the fixtures' service logs) or a job's
-metadata, and every process the test session started, Ray's workers and job drivers included,
-listens on loopback only. A job that hands the secrets to a Ray task runs first, so that there is
+metadata; every process of the S3, MLflow and Ray fixtures and every other process the test session
+started, Ray's workers and job drivers included, listens on loopback only; and the fixtures' files
+(logs, credentials, MLflow's database and artifacts, Ray's session files) are private to the user.
+A job that hands the secrets to a Ray task runs first, so that there is
 something to leak. In the whole suite the sweeps of test_cluster_jobs and test_tune run before this:
 Ray Tune copies credential variables into its trials' runtime envs, which Ray's runtime env agent
 logs, so this is also the check that S3 credentials reach Ray processes only as a file."""
@@ -13,12 +15,13 @@ import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
+from cluster.ray_head import ray_session_logs, ray_temp_dir
 from tests.conftest import RAY_AUTH_TOKEN, TEST_ACCESS_KEY, TEST_SECRET_KEY
-from tests.listening import descendants, is_loopback, listening_addresses
+from tests.listening import listeners, not_on_loopback
+from tests.private_paths import shared_paths
 from tests.train_helpers import ray_job
 
 pytestmark = pytest.mark.timeout(300)
@@ -53,14 +56,9 @@ def job(ray_cluster) -> str:
     return submission
 
 
-def ray_session_logs(ray_cluster) -> Path:
-    temp_dir = next(arg.split("=", 1)[1] for arg in ray_cluster.process.args if arg.startswith("--temp-dir="))
-    return Path(temp_dir) / "session_latest" / "logs"
-
-
 @pytest.mark.parametrize("name", sorted(SECRETS))
-def test_no_secret_in_the_session_logs(job, ray_cluster, tmp_path_factory, name):
-    logs = ray_session_logs(ray_cluster)
+def test_no_secret_in_the_session_logs(job, service_homes, tmp_path_factory, name):
+    logs = ray_session_logs(ray_temp_dir(service_homes["ray"]))
     assert len(list(logs.rglob("*"))) > 20  # the head's, its workers' and the job's logs
     service_logs = list(tmp_path_factory.getbasetemp().rglob("*.log"))  # moto, mlflow, `ray start`
     assert {"moto.log", "mlflow.log", "ray.log"} <= {path.name for path in service_logs}
@@ -78,11 +76,46 @@ def test_no_secret_in_job_metadata(job):
         assert not [name for name, secret in SECRETS.items() if secret in repr(info)], info.submission_id
 
 
-@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
-def test_every_process_of_the_session_listens_on_loopback_only(job, ray_cluster, mlflow_server, s3_endpoint):
-    listening = listening_addresses(descendants(os.getpid()) | {os.getpid()})
-    ports = {port for _, port in listening}
-    services = {int(url.rsplit(":", 1)[1]) for url in (mlflow_server, s3_endpoint, ray_cluster.dashboard_url)}
-    assert services | {ray_cluster.ports["port"]} <= ports  # S3, MLflow, Ray's GCS and dashboard
-    assert len(listening) >= 10  # and Ray's many other servers
-    assert [str(address) for address, _ in listening if not is_loopback(address)] == []
+class Worker:
+    """As an actor: a Ray worker process that is busy while the listening sockets are read."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_every_fixture_process_listens_on_loopback_only(job, ray_cluster, s3_service, mlflow_service):
+    """Every process of the S3, MLflow and Ray fixtures (Ray: GCS, raylet, dashboard and its agent,
+    runtime env agent, client server, monitor, log monitor, workers), and every other process of
+    the session, job drivers and this test's own Ray driver included, listens on loopback only."""
+    import ray
+
+    ray.init()
+    try:
+        worker = ray.remote(Worker).remote()
+        worker_pid = ray.get(worker.pid.remote())
+        trees = {"S3": s3_service.pid, "MLflow": mlflow_service.process.pid, "Ray": ray_cluster.process.pid}
+        found = {name: listeners([pid]) for name, pid in trees.items()}
+        in_fixtures = {listener.pid for group in found.values() for listener in group}
+        others = listeners([os.getpid()])
+        found["the test session"] = [listener for listener in others if listener.pid not in in_fixtures]
+    finally:
+        ray.shutdown()
+    assert {s3_service.endpoint, mlflow_service.uri} == {
+        f"http://127.0.0.1:{listener.port}" for name in ("S3", "MLflow") for listener in found[name]}
+    ray_ports = {listener.port for listener in found["Ray"]}
+    assert set(ray_cluster.ports.values()) <= ray_ports, f"Ray ports not found: {found['Ray']}"
+    assert worker_pid in {listener.pid for listener in found["Ray"]}, f"no worker among {found['Ray']}"
+    exposed = [f"{name}: {listener}" for name, group in found.items() for listener in not_on_loopback(group)]
+    assert not exposed, "listening beyond loopback:\n" + "\n".join(exposed)
+
+
+def test_fixture_files_are_private_to_the_user(ray_cluster, s3_endpoint, mlflow_server, service_homes):
+    """The fixtures keep their files as the stack does: logs, credentials, MLflow's database and
+    artifacts, Ray's session files; no other user of the machine can read them."""
+    assert {"moto.log", "aws-credentials", "mlflow.db", "ray.log"} <= {
+        path.name for home in service_homes.values() for path in home.iterdir()}
+    ray_files = ray_temp_dir(service_homes["ray"])
+    assert list(ray_session_logs(ray_files).glob("*.log"))
+    shared = [path for home in service_homes.values() for path in shared_paths(home)]
+    shared += shared_paths(ray_files, within_private_directories=False)
+    assert not shared, "readable by other users:\n" + "\n".join(shared)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.ray_head import ray_head_healthy, ray_temp_dir
-from tests.listening import is_loopback, listening_addresses
+from cluster.ray_head import ray_head_healthy, ray_session_logs, ray_temp_dir
+from tests.listening import listeners, not_on_loopback
+from tests.private_paths import shared_paths
 
 REPO = Path(__file__).resolve().parents[1]
 STACK_NUM_CPUS = 4
@@ -131,6 +132,16 @@ def test_up_starts_all_services_and_writes_private_env_file(stack):
         assert found.stdout == "", f"{key} appears in {found.stdout}"
 
 
+def test_stack_files_are_private_to_the_user(stack):
+    """No other user of the machine can read what the stack keeps: its directory (database,
+    artifacts, logs, stack.env, credentials, state) and the Ray head's session files."""
+    assert (stack.directory / "mlflow" / "mlflow.db").is_file()
+    assert list(ray_session_logs(ray_temp_dir(stack.directory)).glob("*.log"))
+    shared = [*shared_paths(stack.directory),
+              *shared_paths(ray_temp_dir(stack.directory), within_private_directories=False)]
+    assert not shared, "readable by other users:\n" + "\n".join(shared)
+
+
 def test_stack_env_unsets_the_shells_credential_variables(stack):
     """They would take precedence over the stack's credentials file (and Ray Tune would copy them)."""
     env = sourced(stack.env_file, CALLER_CREDENTIALS)
@@ -191,9 +202,10 @@ def test_ray_init_with_stack_env_address(stack, tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux /proc")
 def test_services_listen_on_loopback_only(stack):
-    listening = listening_addresses(session_members(list(recorded_pids(stack.directory).values())))
-    assert len(listening) >= 10  # S3, MLflow, and Ray's many servers
-    assert [str(address) for address, _ in listening if not is_loopback(address)] == []
+    found = listeners(session_members(list(recorded_pids(stack.directory).values())))
+    assert len(found) >= 10  # S3, MLflow, and Ray's many servers
+    exposed = not_on_loopback(found)
+    assert not exposed, "listening beyond loopback:\n" + "\n".join(exposed)
 
 
 def test_up_again_reuses_the_running_stack(stack):
