@@ -7,16 +7,29 @@ Ray sends it by pickling; pyarrow's own pickling drops the retry strategy (back 
 it is rebuilt from the `S3Config` in every process. Credentials are not put into it: each process
 that unpickles it (Ray's controller, the workers) resolves them from its own environment, as
 boto3 does, so they never travel with the run config.
+
+A run name is held by one driver at a time (`hold`): a lease beside the runs, under `.leases/`
+(no run name starts with "."). On S3 it is a `pipelines.lease.Lease` (renewed while held, broken
+once expired or when its holder was a dead process of the same host); in a local directory a file
+lock (flock: it ends with its holder's process) whose file names the holder. A second driver is
+refused at once, naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from data_prep.errors import UserError
 from data_prep.object_store import S3Config, is_s3_url, parse_s3_url, shared_store
+
+LEASES = ".leases"
+LEASE_TTL_S = 60.0  # renewed every third of it while held
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,26 @@ class RunStorage:
 
     def run_url(self, name: str) -> str:
         return f"{self.url.rstrip('/')}/{name}"
+
+    @contextlib.contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        """Run `name` is this process's while the block runs; a `UserError` naming the holder if it
+        is another driver's."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self._lease(name))
+            except UserError as refusal:
+                raise UserError(f"run {name} is being trained by another driver: {refusal}") from None
+            yield
+
+    def _lease(self, name: str) -> contextlib.AbstractContextManager:
+        from pipelines.lease import Lease
+
+        if self.filesystem is None:
+            return file_lease(Path(self.path) / LEASES / f"{name}.lock")
+        location = parse_s3_url(self.url)
+        key = "/".join(part for part in (location.key.strip("/"), LEASES, name) if part)
+        return Lease(shared_store(location.bucket), key, ttl_s=LEASE_TTL_S, timeout_s=0)
 
     def previous_result(self, name: str):
         """The `ray.train.Result` of an earlier run `name` here, or None if there is none."""
@@ -71,3 +104,33 @@ def s3_filesystem(config: S3Config):
         connect_timeout=config.connect_timeout_s, request_timeout=config.read_timeout_s,
         retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts),
     )
+
+
+@contextlib.contextmanager
+def file_lease(path: Path) -> Iterator[None]:
+    """An exclusive lock on file `path` while the block runs, its holder written in the file; a
+    `UserError` naming the holder at once if another process holds it."""
+    import filelock
+
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    lock = filelock.FileLock(str(path), timeout=0, mode=0o600, on_acquired=_write_holder)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise UserError(f"{path} is held by {_read_holder(path)}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _write_holder(descriptor: int) -> None:
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{socket.gethostname()}:{os.getpid()}".encode(), 0)
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        return path.read_text() or "?"
+    except OSError:
+        return "?"

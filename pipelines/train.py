@@ -1,8 +1,10 @@
 """`vitae train` and `python -m pipelines.train` (the `ray job submit` entrypoint): the driver.
 
-It stays light: it validates the config, checks the dataset and the checkpoint storage, builds
+It stays light: it validates the config, checks the dataset and the checkpoint storage, connects
+to Ray (`pipelines.ray_connect`: one line, not a hang, on a dead address) and checks that the
+cluster can hold the workers, holds the run's name (one driver per run: `RunStorage.hold`), builds
 Ray Train's ScalingConfig and RunConfig, calls `TorchTrainer.fit()` and prints where the results
-went. All training happens in `pipelines.train_loop.train_worker` on the Ray workers.
+went. Tune's trials call `fit` directly, each under its own name. All training happens in `pipelines.train_loop.train_worker` on the Ray workers.
 
 Resuming: Ray Train (V2) resumes a run when a run of the same `name` exists under the same
 storage path (its checkpoint manager reloads the snapshot and `ray.train.get_checkpoint()`
@@ -43,14 +45,20 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def launch(config: TrainConfig) -> None:
+    """The user's driver of run `config.name`: checks, then fits it holding its name."""
+    from pipelines.ray_connect import connect_to_ray
     from pipelines.run_storage import RunStorage
 
     check_dataset(config)
     storage = RunStorage.open(config.checkpoint.storage_path)
-    check_resumable(config, storage)
-    print(f"{config.scaling.num_workers} workers, global batch {config.global_batch_size}, "
-          f"peak lr {config.peak_lr:.2e}, {config.schedule.epochs} epochs", flush=True)
-    result = fit(config, storage)
+    how_it_starts = check_resumable(config, storage)
+    connect_to_ray()
+    check_resources(config)
+    with storage.hold(config.name):
+        print(how_it_starts, flush=True)
+        print(f"{config.scaling.num_workers} workers, global batch {config.global_batch_size}, "
+              f"peak lr {config.peak_lr:.2e}, {config.schedule.epochs} epochs", flush=True)
+        result = fit(config, storage)
     report(result, storage.run_url(config.name))
 
 
@@ -71,22 +79,30 @@ def check_dataset(config: TrainConfig) -> None:
                         f"{config.data.batch_size} on each of {config.scaling.num_workers} workers")
 
 
-def check_resumable(config: TrainConfig, storage: RunStorage) -> None:
-    """A run that exists under this name is resumed, with the same config."""
+def check_resources(config: TrainConfig) -> None:
+    """The cluster can hold the run's workers (Ray would wait for them forever)."""
+    from pipelines.ray_connect import cluster_capacity, require_resources
+
+    require_resources(scaling_config(config).total_resources, cluster_capacity(),
+                      f"run {config.name} ({config.scaling.num_workers} workers)",
+                      "use fewer or smaller workers (scaling.num_workers, scaling.resources_per_worker, "
+                      "scaling.use_gpu) or a larger cluster")
+
+
+def check_resumable(config: TrainConfig, storage: RunStorage) -> str:
+    """A run that exists under this name is resumed, with the same config; says how the run starts."""
     from data_prep.errors import UserError
     from pipelines.checkpointing import read_checkpoint_config
     from pipelines.train_config import TrainConfig, config_changes
 
     previous = storage.previous_result(config.name)
     if previous is None or previous.checkpoint is None:
-        print(f"run {config.name}: starting (checkpoints in {storage.run_url(config.name)})", flush=True)
-        return
+        return f"run {config.name}: starting (checkpoints in {storage.run_url(config.name)})"
     changes = config_changes(TrainConfig.model_validate(read_checkpoint_config(previous.checkpoint)), config)
     if changes:
         raise UserError(f"run {config.name} exists in {storage.url} with another config ({'; '.join(changes)}): "
                         "resume it unchanged or choose a new name")
-    print(f"run {config.name}: resuming after epoch {previous.metrics['epoch']} of {config.schedule.epochs}",
-          flush=True)
+    return f"run {config.name}: resuming after epoch {previous.metrics['epoch']} of {config.schedule.epochs}"
 
 
 def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = ()):
