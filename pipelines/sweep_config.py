@@ -1,7 +1,8 @@
 """The typed configuration of a hyperparameter sweep (`vitae tune`): the training config its trials
 start from, what is searched and how, early stopping, what each trial runs on, and what becomes of
 the best trial in the model registry. Conventions as in `train_config`: YAML with `--set a.b=c`
-overrides; unknown keys and bad values are one-line errors naming the field.
+overrides; unknown keys and bad values (a float that is not finite, a size past its bound) are
+one-line errors naming the field.
 
     name: digits-sweep              # the Tune experiment; each trial trains run `<name>-<trial id>`
     base: digits_vitae_t.yaml       # the trials' training config: a file (relative to this one) or inline
@@ -24,7 +25,9 @@ before the cluster is used. A trial's config is the base plus its sampled values
 from __future__ import annotations
 
 import copy
+import math
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Mapping, Union
@@ -33,9 +36,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_prep.errors import UserError
-from pipelines.train_config import TrainConfig, apply_override, first_problem, parse_config, read_yaml, set_value
+from pipelines.train_config import (
+    MAX_SEED, TrainConfig, apply_override, first_problem, parse_config, read_yaml, set_value,
+)
 
 SWEEP_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # leaves room for "-<trial id>" within RUN_NAME
+MAX_SAMPLES = 10_000  # trials in one sweep: each is a Ray Train run (~20 s of start-up at least)
 # Training-config fields the sweep itself sets, so they are not searchable.
 RESERVED_FIELDS = {
     "name": "each trial is named after the sweep",
@@ -47,12 +53,20 @@ RESERVED_FIELDS = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
 
 class Choice(_Section):
     kind: Literal["choice"]
     values: list[bool | int | float | str] = Field(min_length=1)
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _finite(cls, values: Any) -> Any:
+        """(The union's own error would be about the first member it tried: bool.)"""
+        if isinstance(values, list) and any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"expected finite numbers, got {values}")
+        return values
 
     def probes(self) -> list:
         return list(self.values)
@@ -126,8 +140,8 @@ def default_space() -> dict[str, Distribution]:
 
 class SearchConfig(_Section):
     algorithm: Literal["random", "optuna"] = "random"  # random sampling, or Optuna's TPE
-    num_samples: int = Field(8, ge=1)  # trials
-    seed: int | None = 0  # of the sampler (None: a different sweep every time)
+    num_samples: int = Field(8, ge=1, le=MAX_SAMPLES)  # trials
+    seed: int | None = Field(0, ge=0, le=MAX_SEED)  # of the sampler (None: a different sweep every time)
     space: dict[str, Distribution] = Field(default_factory=default_space, min_length=1)
 
     @field_validator("space", mode="before")
@@ -189,6 +203,8 @@ class SweepConfig(_Section):
 class Sweep:
     config: SweepConfig
     base: TrainConfig  # the trials' training config before sampling (named after the sweep)
+    path: Path  # the sweep config file, as given
+    overrides: tuple[str, ...] = ()  # its `--set` overrides, as given
 
     @property
     def name(self) -> str:
@@ -200,6 +216,11 @@ class Sweep:
 
     def trial_config(self, trial_id: str, sampled: Mapping[str, Any]) -> TrainConfig:
         return trial_config(self.base.model_dump(mode="json"), sampled, trial_run_name(self.name, trial_id))
+
+    def resume_command(self) -> str:
+        """The command line that continues this sweep where it stopped."""
+        sets = [part for override in self.overrides for part in ("--set", override)]
+        return shlex.join(["vitae", "tune", "--config", str(self.path), *sets, "--resume"])
 
     def resolved_yaml(self) -> str:
         """The sweep config with its base resolved: enough to run the same sweep again."""
@@ -230,7 +251,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
         config = SweepConfig.model_validate(raw)
     except ValidationError as error:
         raise UserError(f"invalid sweep config: {first_problem(error)}") from None
-    sweep = Sweep(config, resolve_base(config, path.parent))
+    sweep = Sweep(config, resolve_base(config, path.parent), path, tuple(overrides))
     check_space(sweep)
     check_asha(sweep)
     return sweep

@@ -3,8 +3,11 @@ augmentation, model, optim, schedule, checkpoint, mlflow, scaling), read from YA
 `--set a.b=c` overrides and validated before anything else runs.
 
 Unknown keys and out-of-range values are errors that name the field (`model.depth: ...`); they
-surface as one `UserError` line. The model section is checked by building the model on the meta
-device, so an image size or depth the architecture cannot take is refused here, not on a worker.
+surface as one `UserError` line. Every float must be finite (no `.inf`, `.nan`), and sizes have upper
+bounds (the `MAX_*` constants below: each says why) so that an absurd value is refused at once rather
+than exhausting memory or time later. The model section is then checked by building the model on
+the meta device, so an image size or depth the architecture cannot take is refused here, not on a
+worker.
 
 Conventions: `data.batch_size` is per worker and per micro-step; the global batch is
 `batch_size * scaling.num_workers * optim.accumulation_steps`. `optim.lr` is the peak learning rate
@@ -31,6 +34,18 @@ RESUMABLE_CHANGES = frozenset({
     "mlflow.parent_run_id", "data.on_bad_sample",
 })
 
+# Upper bounds of sizes, far above any published recipe but below what would exhaust a machine.
+MAX_DEPTH = 64  # normal cells: twice the deepest family (vitae_h, 32); validation builds every cell
+MAX_IMG_SIZE = 1024  # pixels: ViTAE's first cells attend over (img_size / 4)^2 tokens, quartic in memory
+MAX_MLP_RATIO = 16.0  # published ViTAE models use 2 to 4
+MAX_BATCH_SIZE = 4096  # images per worker and micro-step
+MAX_SHUFFLE_BUFFER = 100_000  # decoded images held by each DataLoader process
+MAX_LOADER_WORKERS = 64  # DataLoader processes per worker
+MAX_ACCUMULATION_STEPS = 1024
+MAX_EPOCHS = 10_000
+MAX_NUM_WORKERS = 4096  # Ray Train workers: beyond any cluster Ray supports
+MAX_SEED = 2**32 - 1  # what NumPy's and Python's seeded generators take everywhere
+
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -38,7 +53,7 @@ RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
 
 class AugmentConfig(_Section):
@@ -67,9 +82,9 @@ class DataConfig(_Section):
     url: str = Field(min_length=1)  # a prepared dataset: s3://bucket/prefix or a local directory
     train_split: str = "train"
     val_split: str = "val"
-    batch_size: PositiveInt = 64  # per worker and micro-step
-    loader_workers: int = Field(2, ge=0)  # DataLoader processes per worker
-    shuffle_buffer: PositiveInt = 1000  # samples
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE)  # per worker and micro-step
+    loader_workers: int = Field(2, ge=0, le=MAX_LOADER_WORKERS)  # DataLoader processes per worker
+    shuffle_buffer: int = Field(1000, ge=1, le=MAX_SHUFFLE_BUFFER)  # samples
     mean: tuple[float, float, float] | None = None  # default: the model's pretrained_cfg
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None  # default: the model's
     crop_pct: float | None = Field(None, gt=0.0, le=1.0)  # evaluation centre crop; default: the model's
@@ -80,9 +95,9 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "vitae_t"
-    img_size: PositiveInt = 224
-    depth: PositiveInt | None = None  # normal cells (see vitae.create_model); default: the model's
-    mlp_ratio: PositiveFloat | None = None
+    img_size: int = Field(224, ge=1, le=MAX_IMG_SIZE)
+    depth: int | None = Field(None, ge=1, le=MAX_DEPTH)  # normal cells (see vitae.create_model); default: the model's
+    mlp_ratio: float | None = Field(None, gt=0.0, le=MAX_MLP_RATIO)
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
     compile: bool = False  # torch.compile the model on each worker
     channels_last: bool = False
@@ -107,7 +122,7 @@ class OptimConfig(_Section):
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     grad_clip_norm: PositiveFloat | None = 5.0  # None: no clipping
-    accumulation_steps: PositiveInt = 1
+    accumulation_steps: int = Field(1, ge=1, le=MAX_ACCUMULATION_STEPS)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA of the weights
 
 
@@ -115,7 +130,7 @@ class ScheduleConfig(_Section):
     """Per optimizer step: linear warmup from `warmup_start_factor * lr`, then cosine decay to
     `min_lr_ratio * lr` at the end of the last epoch."""
 
-    epochs: PositiveInt = 100
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
     warmup_epochs: float = Field(5.0, ge=0.0)
     warmup_start_factor: float = Field(0.001, gt=0.0, le=1.0)
     min_lr_ratio: Fraction = 0.01
@@ -143,7 +158,7 @@ class MlflowConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: PositiveInt = 2
+    num_workers: int = Field(2, ge=1, le=MAX_NUM_WORKERS)
     use_gpu: bool = False  # NCCL between GPU workers, gloo between CPU workers
     resources_per_worker: dict[str, Annotated[float, Field(ge=0.0)]] | None = None  # default {"CPU": 1}
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
@@ -151,7 +166,7 @@ class ScalingConfig(_Section):
 
 class TrainConfig(_Section):
     name: str  # the run: re-running the same name with the same storage resumes it
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -87,6 +88,33 @@ def test_bad_fields_are_named(sections, field):
     assert str(error.value).startswith(f"invalid config: {field}"), str(error.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
+    ("optim.lr=.nan", "optim.lr: Input should be a finite number"),
+    ("optim.weight_decay=-.inf", "optim.weight_decay: Input should be a finite number"),
+    ("data.augment.mixup_alpha=.inf", "data.augment.mixup_alpha: Input should be a finite number"),
+    ("data.mean=[.nan, 0.5, 0.5]", "data.mean.0: Input should be a finite number"),
+    ("scaling.resources_per_worker={CPU: .inf}", "scaling.resources_per_worker.CPU: Input should be a finite number"),
+    ("model.depth=100000", "model.depth: Input should be less than or equal to 64"),
+    ("model.img_size=100000", "model.img_size: Input should be less than or equal to 1024"),
+    ("model.mlp_ratio=1.0e6", "model.mlp_ratio: Input should be less than or equal to 16"),
+    ("data.batch_size=10000000", "data.batch_size: Input should be less than or equal to 4096"),
+    ("data.shuffle_buffer=1000000000", "data.shuffle_buffer: Input should be less than or equal to 100000"),
+    ("data.loader_workers=100000", "data.loader_workers: Input should be less than or equal to 64"),
+    ("optim.accumulation_steps=1000000", "optim.accumulation_steps: Input should be less than or equal to 1024"),
+    ("schedule.epochs=100000000", "schedule.epochs: Input should be less than or equal to 10000"),
+    ("scaling.num_workers=1000000", "scaling.num_workers: Input should be less than or equal to 4096"),
+    ("seed=18446744073709551616", "seed: Input should be less than or equal to 4294967295"),
+])
+def test_absurd_values_are_refused_at_once_naming_the_field(tmp_path, override, message):
+    path = write_config(tmp_path / "run.yaml", minimal())
+    started = time.monotonic()
+    with pytest.raises(UserError) as error:
+        load_config(path, [override])
+    assert str(error.value) == f"invalid config: {message}"
+    assert time.monotonic() - started < 5, "validation is not cheap"
+
+
 def test_missing_sections_and_bad_files_are_named(tmp_path):
     raw = minimal()
     del raw["checkpoint"]
@@ -109,14 +137,19 @@ def test_resuming_may_change_resources_only():
     assert config_changes(base, longer) == ["schedule.epochs: 3 -> 5"]
 
 
-def test_cli_rejects_a_bad_config_with_one_line_before_touching_the_cluster(tmp_path):
-    path = write_config(tmp_path / "bad.yaml", minimal(model={"depth": -1}))
+@pytest.mark.parametrize("config, overrides, error", [
+    (minimal(model={"depth": -1}), ["seed=1"], "model.depth: Input should be greater than or equal to 1"),
+    (minimal(), ["model.depth=100000"], "model.depth: Input should be less than or equal to 64"),
+    (minimal(), ["optim.lr=.inf"], "optim.lr: Input should be a finite number"),
+])
+def test_cli_rejects_a_bad_config_with_one_line_before_touching_the_cluster(tmp_path, config, overrides, error):
+    path = write_config(tmp_path / "bad.yaml", config)
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}
-    done = subprocess.run([sys.executable, "-m", "pipelines.train", "--config", str(path), "--set", "seed=1"],
+    sets = [part for override in overrides for part in ("--set", override)]
+    done = subprocess.run([sys.executable, "-m", "pipelines.train", "--config", str(path), *sets],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "vitae: error: invalid config: model.depth: Input should be greater than or equal to 1"]
+    assert done.stderr.strip().splitlines() == [f"vitae: error: invalid config: {error}"]
 
 
 # --- sharding -------------------------------------------------------------------------------------
