@@ -6,6 +6,7 @@ Heavy imports (Pillow, pyarrow, boto3, webdataset) happen inside the handlers.
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def register(subparsers) -> None:
@@ -18,19 +19,19 @@ def register(subparsers) -> None:
                       help="image folder (root/<class>/<image> or root/{train,val,test}/<class>/<image>), "
                            "Parquet file or directory, or 'digits'")
     prep.add_argument("--out", required=True, metavar="DEST", help="local directory or s3://bucket/prefix")
-    prep.add_argument("--val-fraction", type=float, default=0.1, help="when the source has no splits")
-    prep.add_argument("--test-fraction", type=float, default=0.1, help="when the source has no splits")
+    prep.add_argument("--val-fraction", type=_finite, default=0.1, help="when the source has no splits")
+    prep.add_argument("--test-fraction", type=_finite, default=0.1, help="when the source has no splits")
     prep.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     prep.add_argument("--max-side", type=int, metavar="N", help="downscale and re-encode larger images")
     prep.add_argument("--shard-max-samples", type=int, default=10_000)
-    prep.add_argument("--shard-max-mb", type=float, default=256.0, help="shard size cap in MiB")
+    prep.add_argument("--shard-max-mb", type=_finite, default=256.0, help="shard size cap in MiB")
     prep.add_argument("--image-column", default="image",
                       help="Parquet: image column (struct{bytes,path} or binary)")
     prep.add_argument("--label-column", default="label", help="Parquet: label column (ints or class names)")
     prep.add_argument("--class-names", type=_names, metavar="A,B,...",
                       help="class names in index order (default: from the data)")
-    prep.add_argument("--digits-size", type=int, default=32, help="digits: image side in pixels")
-    prep.add_argument("--workers", type=int, help="image decoding threads")
+    prep.add_argument("--digits-size", type=int, default=32, help="digits: image side in pixels (at most 1024)")
+    prep.add_argument("--workers", type=int, help="image decoding threads (at most 64)")
     prep.add_argument("--staging-dir", help="where shards are staged before upload (default: temp dir)")
     prep.set_defaults(handler=run_prep)
 
@@ -39,6 +40,16 @@ def register(subparsers) -> None:
                                                "exit 1 on any mismatch.")
     verify.add_argument("dest", metavar="DEST", help="local directory or s3://bucket/prefix")
     verify.set_defaults(handler=run_verify)
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
 
 
 def _names(text: str) -> list[str]:

@@ -1,6 +1,7 @@
 """`vitae prep`: one source -> shards staged locally -> published with a manifest, idempotently.
 
-Steps: list the source, check the destination (fail fast on a bad bucket or credentials), assign
+Steps: check the options (bounded sizes, a destination outside the source), list the source, check
+the destination (fail fast on a bad bucket or credentials), assign
 splits, decode-check and shard each split in a seeded order (images read and checked on a thread
 pool, written in order), then publish: remove the old manifest, upload only shards whose sha256
 differs from what is stored, and write the rejects report, `manifest.parquet` and `dataset.json`
@@ -25,10 +26,13 @@ from data_prep.images import RejectedImage, prepare_image
 from data_prep.manifest import (
     DATASET_NAME, MANIFEST_NAME, REJECTS_NAME, SPLITS, DatasetInfo, ShardRecord, manifest_to_parquet,
 )
+from data_prep.object_store import is_s3_url
 from data_prep.shards import EncodedSample, write_split
-from data_prep.sources import Reject, Source, SourceImage, SourceOptions, open_source
+from data_prep.sources import MAX_DIGITS_SIZE, Reject, Source, SourceImage, SourceOptions, open_source
 from data_prep.splitting import check_fractions, shuffled, stratified_splits
 from data_prep.storage import StagedFile, Storage, open_storage
+
+MAX_WORKERS = 64  # decoding threads: each holds a decoded image and 8 results in flight
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ def prepare(source_spec: str, dest: str, options: PrepOptions = PrepOptions(),
             progress: bool = True) -> PrepSummary:
     """Convert `source_spec` into a complete dataset at `dest` (a directory or s3:// URL)."""
     _check_options(options)
+    _check_apart(source_spec, dest)
     source = open_source(source_spec, options.source)
     storage = open_storage(dest)
     storage.check(create=True)  # before the long conversion: a bad bucket or credentials fail now
@@ -121,6 +126,21 @@ def _check_options(options: PrepOptions) -> None:
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    for flag, value, limit in (("--workers", options.workers, MAX_WORKERS),
+                               ("--digits-size", options.source.digits_size, MAX_DIGITS_SIZE)):
+        if value > limit:
+            raise UserError(f"{flag} must be at most {limit}, got {value}")
+
+
+def _check_apart(source_spec: str, dest: str) -> None:
+    """A local destination inside the source folder (or holding it) would be read as source by the next run."""
+    if source_spec == "digits" or is_s3_url(dest):
+        return
+    source, target = Path(source_spec).expanduser().resolve(), Path(dest).expanduser().resolve()
+    if target.is_relative_to(source):
+        raise UserError(f"--out {dest} is inside the source {source_spec}: write the dataset elsewhere")
+    if source.is_relative_to(target):
+        raise UserError(f"the source {source_spec} is inside --out {dest}: write the dataset elsewhere")
 
 
 def _assign_splits(source: Source, options: PrepOptions) -> dict[str, list[SourceImage]]:

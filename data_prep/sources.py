@@ -23,6 +23,9 @@ from data_prep.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+# The digits are 8x8 pixels, rendered at --digits-size: no model trains on larger images (model.img_size
+# is at most 1024), and each rendering holds 4 bytes per pixel (100000 px took 22 GB before one image).
+MAX_DIGITS_SIZE = 1024
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -419,6 +420,34 @@ def test_source_errors_are_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "no complete dataset")
     code, _, err = run(capsys, "prep", "digits", "--out", dest, "--val-fraction", "1.5")
     assert_one_line_error(code, err, "--val-fraction")
+
+
+def test_sizes_that_would_exhaust_memory_are_refused_at_once(tmp_path, capsys):
+    dest = tmp_path / "out"
+    for flag, value, expected in (("--digits-size", "100000", "--digits-size must be at most 1024, got 100000"),
+                                  ("--workers", "100000", "--workers must be at most 64, got 100000")):
+        started = time.monotonic()
+        code, _, err = run(capsys, "prep", "digits", "--out", str(dest), flag, value)
+        assert_one_line_error(code, err, expected)
+        assert time.monotonic() - started < 5
+    for value in ("inf", "nan"):
+        with pytest.raises(SystemExit) as exit_status:  # argparse's own usage error
+            main(["prep", "digits", "--out", str(dest), "--shard-max-mb", value])
+        assert exit_status.value.code == 2
+        assert f"argument --shard-max-mb: expected a finite number, got {value}" in capsys.readouterr().err
+    assert not dest.exists()
+
+
+def test_an_output_inside_the_source_or_holding_it_is_refused(tmp_path, capsys):
+    source = tmp_path / "images"
+    write_files(source, {"cat/0.png": image_bytes(0), "cat/1.png": image_bytes(1), "dog/2.png": image_bytes(2)})
+    before = sorted(source.rglob("*"))
+    for dest in (source, source / "shards", source / "cat" / ".." / "out"):
+        code, _, err = run(capsys, "prep", str(source), "--out", str(dest))
+        assert_one_line_error(code, err, f"--out {dest} is inside the source {source}")
+    code, _, err = run(capsys, "prep", str(source / "cat"), "--out", str(source))
+    assert_one_line_error(code, err, f"the source {source / 'cat'} is inside --out {source}")
+    assert sorted(source.rglob("*")) == before  # nothing written
 
 
 def test_storage_errors_are_one_line(s3_endpoint, bucket, monkeypatch, capsys):
