@@ -128,7 +128,8 @@ def load_model(model_uri: str, device: torch.device) -> tuple[nn.Module, Classif
 
     import mlflow
 
-    from pipelines.serving import load_classifier, loading
+    from pipelines.mlflow_access import loading
+    from pipelines.serving import load_classifier
 
     with loading(model_uri), tempfile.TemporaryDirectory(prefix="vitae-model-") as directory:
         return load_classifier(mlflow.artifacts.download_artifacts(model_uri, dst_path=directory), device)

@@ -97,6 +97,22 @@ def check_model_uri(model_uri: str) -> None:
                         "runs:/RUN_ID/PATH, s3://..., ...) nor a model directory")
 
 
+@contextlib.contextmanager
+def loading(model_uri: str) -> Iterator[None]:
+    """MLflow's failures to find or read `model_uri` (no such model, version or alias; a server that
+    does not answer) as one `UserError` line; a `model_uri` that is neither a URI nor a path is refused
+    before MLflow is asked."""
+    from mlflow.exceptions import MlflowException
+
+    check_model_uri(model_uri)
+    try:
+        yield
+    except MlflowException as error:
+        if unreachable(error):
+            raise failure(error, f"loading model {model_uri}") from None
+        raise UserError(f"cannot load model {model_uri}: {short(error)}") from None
+
+
 def without_credentials(text: str) -> str:
     """`text` with the `user:password@` of any URI in it left out."""
     return _USERINFO.sub("", text)

@@ -30,8 +30,7 @@ def predict_command(args: argparse.Namespace) -> int:
     import mlflow.pyfunc
 
     from data_prep.errors import UserError
-    from pipelines.mlflow_access import answering
-    from pipelines.serving import loading
+    from pipelines.mlflow_access import answering, loading
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")

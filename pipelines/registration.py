@@ -70,13 +70,16 @@ def run_model(run_name: str) -> tuple[str, dict[str, str]]:
 
 
 def register_model(model_uri: str, model_name: str, tags: dict[str, str]) -> str:
-    """`registry.register_challenger`, MLflow's refusals (no such model, a bad name) as one line."""
+    """`registry.register_challenger` once `model_uri` is known to hold a model; MLflow's refusals (no
+    such model, a bad name) as one line."""
+    import mlflow.models
     from mlflow.exceptions import MlflowException
 
     from pipelines import registry
-    from pipelines.mlflow_access import check_model_uri, failure
+    from pipelines.mlflow_access import failure, loading
 
-    check_model_uri(model_uri)
+    with loading(model_uri):
+        mlflow.models.get_model_info(model_uri)
     try:
         return registry.register_challenger(model_uri, model_name, tags)
     except MlflowException as error:

@@ -27,11 +27,10 @@ gates it with MLFLOW_ALLOW_PICKLE_DESERIALIZATION, on by default in 3.17).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy
 import pandas
@@ -40,7 +39,6 @@ from PIL import Image
 from torch import nn
 
 from data_prep import images
-from data_prep.errors import UserError
 from pipelines.augment import EvalTransform
 from pipelines.model_packaging import ClassifierInfo
 
@@ -161,24 +159,6 @@ def save_model(pytorch_model: nn.Module, path: str, mlflow_model=None, **pytorch
                                conda_env=environments[mlflow.pyfunc.EnvType.CONDA],
                                python_env=environments[mlflow.pyfunc.EnvType.VIRTUALENV])
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
-
-
-@contextlib.contextmanager
-def loading(model_uri: str) -> Iterator[None]:
-    """MLflow's failures to find or read `model_uri` (no such model, version or alias; a server that
-    does not answer) as one `UserError` line; a `model_uri` that is neither a URI nor a path is refused
-    before MLflow is asked."""
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.mlflow_access import check_model_uri, failure, short, unreachable
-
-    check_model_uri(model_uri)
-    try:
-        yield
-    except MlflowException as error:
-        if unreachable(error):
-            raise failure(error, f"loading model {model_uri}") from None
-        raise UserError(f"cannot load model {model_uri}: {short(error)}") from None
 
 
 def load_classifier(path: str, device: torch.device = torch.device("cpu")) -> tuple[nn.Module, ClassifierInfo]:

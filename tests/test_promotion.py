@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -16,6 +17,8 @@ from data_prep import object_store
 from pipelines import registry
 from pipelines.cli import main
 from pipelines.promote import LOCK_BUCKET_ENV, promote_registered
+from pipelines.tracking import MODEL_URI_TAG, RUN_NAME_TAG, ensure_experiment
+from tests.http_fault_proxy import dead_tracking_uri, mlflow_behind_proxy, tracking_uri
 from tests.model_helpers import TinyClassifier, digits_dataset, make_classifier, register
 
 pytestmark = pytest.mark.timeout(600)  # a shared 2-core machine can be slow
@@ -138,3 +141,76 @@ def test_promotion_refusals_are_one_line(trained, lock_bucket, model_name, monke
         assert main(["promote", *argv]) == 2
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and message in error, error
+
+
+def champion_of_two(model_name: str, trained, untrained, data_url: str, lock_bucket: str, capsys) -> tuple:
+    """`model_name` with the trained model @champion, the untrained one @previous-champion and a new
+    untrained version @challenger; returns the aliases."""
+    register(untrained.uri, model_name, data_url)
+    promote(capsys, model_name, lock_bucket)
+    register(trained.uri, model_name, data_url)
+    promote(capsys, model_name, lock_bucket)
+    register(untrained.uri, model_name, data_url)
+    capsys.readouterr()  # MLflow's registration messages
+    return aliases(model_name)
+
+
+def one_line_error(capsys) -> str:
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("vitae: error: ") and "Traceback" not in error, error
+    return error
+
+
+def test_a_failed_champion_read_aborts_promote_and_rollback(trained, untrained, data_url, lock_bucket, model_name,
+                                                            mlflow_server, capsys):
+    before = champion_of_two(model_name, trained, untrained, data_url, lock_bucket, capsys)
+    assert before == ("2", "3", "1")
+    with mlflow_behind_proxy(mlflow_server) as proxy:
+        proxy.refuse = lambda method, path: (method == "GET" and "registered-models/alias" in path
+                                             and "alias=champion" in path)
+        for action in ((), ("--rollback",)):
+            assert main(["promote", "--model", model_name, "--lock-url", f"s3://{lock_bucket}", *action]) == 2
+            error = one_line_error(capsys)
+            assert f"the MLflow server {proxy.endpoint} did not answer (" in error and f"{model_name}@champion" in error
+        assert proxy.injected("refused") >= 2
+    assert aliases(model_name) == before  # nothing changed
+    assert object_store.shared_store(lock_bucket).head(f"locks/registry/{model_name}") is None  # released
+
+
+def test_a_promote_and_rollback_fail_fast_on_a_dead_mlflow(lock_bucket, capsys):
+    with tracking_uri(dead_tracking_uri()) as dead:
+        for action in ((), ("--rollback",)):
+            started = time.monotonic()
+            assert main(["promote", "--model", "any", "--lock-url", f"s3://{lock_bucket}", *action]) == 2
+            elapsed = time.monotonic() - started
+            error = one_line_error(capsys)
+            assert f"the MLflow server {dead} did not answer" in error and elapsed < 20, (elapsed, error)
+
+
+def test_a_register_makes_a_training_runs_model_the_challenger(trained, data_url, model_name, capsys):
+    client = MlflowClient()
+    experiment_id = ensure_experiment(client, "register-test")
+    run_name = f"trained-{uuid.uuid4().hex[:6]}"
+    run = client.create_run(experiment_id, tags={RUN_NAME_TAG: run_name, MODEL_URI_TAG: trained.uri})
+    client.log_param(run.info.run_id, "data.url", data_url)
+    unfinished = f"{run_name}-unfinished"
+    client.create_run(experiment_id, tags={RUN_NAME_TAG: unfinished})
+
+    assert main(["register", "--run", run_name, "--name", model_name]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"registered models:/{model_name}/1 (@challenger) "
+                                                        f"from {trained.uri}")
+    assert aliases(model_name) == (None, "1", None)
+    tags = client.get_model_version(model_name, "1").tags
+    assert tags[registry.DATASET_URL_TAG] == data_url and tags["training_run_id"] == run.info.run_id
+
+    done = subprocess.run([sys.executable, "-m", "pipelines.registration", "--model", trained.uri, "--name",
+                           model_name, "--data", data_url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"registered models:/{model_name}/2 (@challenger)" in done.stdout, done.stderr
+    assert aliases(model_name) == (None, "2", None)
+
+    for argv, message in [(["--run", unfinished], f"training run {unfinished!r} logged no model"),
+                          (["--run", "no-such-run"], "no MLflow run of training run 'no-such-run'"),
+                          (["--model", "not a uri"], "'not a uri' is not a model URI"),
+                          (["--model", "runs:/0123456789abcdef/model"], "cannot load model runs:/0123456789abcdef/model: ")]:
+        assert main(["register", *argv, "--name", model_name]) == 2
+        assert message in one_line_error(capsys)

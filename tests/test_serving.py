@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from data_prep.dataset import PreparedDataset, decode_sample
 from pipelines.cli import main
 from pipelines.evaluate import evaluate_model
 from pipelines.model_packaging import PackagedClassifier, package
+from tests.http_fault_proxy import dead_tracking_uri, tracking_uri
 from tests.model_helpers import TinyClassifier, digits_dataset, make_classifier
 from tests.train_helpers import make_shapes_folder, prepare_dataset
 
@@ -182,3 +184,45 @@ def test_the_champion_loads_in_a_fresh_process_with_plain_mlflow(trained, image_
     answer = json.loads(done.stdout.splitlines()[-1])
     expected = [top1_by_pytorch_flavour(trained, path) for path in image_files]
     assert answer == {"pyfunc": expected, "pytorch": expected, "module": "PackagedClassifier"}
+
+
+def test_a_predict_scores_the_readable_images_and_names_the_others(trained, image_files, tmp_path, capsys):
+    unreadable = tmp_path / "folder.png"  # unreadable even for root, unlike a file of mode 0
+    unreadable.mkdir()
+    missing = tmp_path / "missing.png"
+    argv = [str(image_files[0]), str(unreadable), str(image_files[1]), str(missing)]
+    assert main(["predict", "--model", trained.uri, "--top-k", "1", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[::2] == [str(image_files[0]), str(image_files[1])]
+    error = captured.err.splitlines()[-1]
+    assert error.startswith("vitae: error: 2 of 4 images not scored: ") and "Traceback" not in captured.err
+    assert f"{unreadable}: cannot read (Is a directory)" in error
+    assert f"{missing}: cannot read (No such file or directory)" in error
+
+
+def test_a_evaluate_refuses_a_non_uri_in_one_full_line_and_leaves_no_output(trained, tmp_path, capsys):
+    output = tmp_path / "report"
+    assert main(["evaluate", "--model", "not a uri", "--data", trained.data_url, "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error.splitlines()[-1] == ("vitae: error: 'not a uri' is not a model URI (models:/NAME@ALIAS, "
+                                      "models:/NAME/VERSION, runs:/RUN_ID/PATH, s3://..., ...) nor a model directory")
+    assert not output.exists()
+    assert main(["evaluate", "--model", "runs:/0123456789abcdef/model", "--data", trained.data_url,
+                 "--output", str(output)]) == 2
+    assert "Run with id=0123456789abcdef not found" in capsys.readouterr().err.splitlines()[-1]  # not cut short
+    assert not output.exists()
+
+
+def test_a_predict_and_evaluate_fail_fast_on_a_dead_mlflow(trained, image_files, tmp_path, capsys):
+    commands = {"predict": ["predict", "--model", "models:/any@champion", str(image_files[0])],
+                "evaluate": ["evaluate", "--model", "models:/any/1", "--data", trained.data_url,
+                             "--output", str(tmp_path / "report")]}
+    with tracking_uri(dead_tracking_uri()) as dead:
+        for name, argv in commands.items():
+            started = time.monotonic()
+            assert main(argv) == 2, name
+            elapsed = time.monotonic() - started
+            error = capsys.readouterr().err
+            assert error.count("\n") == 1 and f"vitae: error: the MLflow server {dead} did not answer (" in error
+            assert elapsed < 20, (name, elapsed)
+    assert not (tmp_path / "report").exists()
