@@ -107,12 +107,17 @@ def check_resumable(config: TrainConfig, storage: RunStorage) -> str:
 
 def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = ()):
     """Run (or resume) training run `config.name`; `callbacks` go to Ray Train's RunConfig (a sweep's
-    trial passes Tune's `TuneReportCallback`)."""
+    trial passes Tune's `TuneReportCallback`). A failure the user can fix (see `train_failures`)
+    ends the run without restarts and is raised as one `UserError` line."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from data_prep.errors import UserError
+    from pipelines.ray_console import quiet_driver
+    from pipelines.train_failures import UserErrorsEndTheRun, user_error
     from pipelines.train_loop import train_worker
 
+    quiet_driver()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config.model_dump(mode="json"),
@@ -121,14 +126,20 @@ def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = ()):
             name=config.name,
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, UserErrorsEndTheRun()],
             failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep,
                                                          checkpoint_score_attribute="val_top1",
                                                          checkpoint_score_order="max"),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as failure:
+        cause = user_error(failure)
+        if cause is None:
+            raise
+        raise UserError(f"training run {config.name} failed: {cause}") from None
 
 
 def scaling_config(config: TrainConfig):

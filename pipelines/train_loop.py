@@ -33,6 +33,7 @@ from pipelines.input_pipeline import ReaderLayout, SplitShards, eval_loader, ski
 from pipelines.mixing import Mixing
 from pipelines.model_packaging import ClassifierInfo
 from pipelines.optim import build_ema, build_optimizer, build_scheduler, copy_buffers
+from pipelines.ray_console import quiet_worker
 from pipelines.sharding import steps_per_epoch
 from pipelines.step_timing import PhaseTimer
 from pipelines.tracking import RunTracker
@@ -114,7 +115,7 @@ class EpochStats:
 def train_worker(config_dict: dict) -> dict[str, str | None]:
     """Ray Train's per-worker entry point; rank 0 returns where the results are in MLflow."""
     config = TrainConfig.model_validate(config_dict)
-    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials" per client
+    quiet_worker()
     env = WorkerEnv.current()
     dataset = PreparedDataset.open(config.data.url)
     torch.manual_seed(config.seed)  # the same initial weights on every rank

@@ -45,7 +45,14 @@ from pipelines.run_storage import RunStorage
 from pipelines.sharding import steps_per_epoch
 from pipelines.tracking import RUN_NAME_TAG
 from tests.s3_fault_proxy import FAULTS, FaultProxy
-from tests.train_helpers import make_shapes_folder, prepare_dataset, tiny_config, write_config
+from tests.train_helpers import (
+    driver_lines,
+    make_shapes_folder,
+    prepare_dataset,
+    tiny_config,
+    train_worker_pids,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(600)  # the job tests wait for both jobs (about 2 min on a quiet machine)
 
@@ -407,9 +414,9 @@ def jobs(request, s3_endpoint, bucket, corrupt, tmp_path_factory) -> SubmittedJo
         submit(names.flaky, write_config(directory / "flaky.yaml", tiny_config(
             names.flaky, corrupt.url, storage_url, data={"batch_size": BATCH}, **common)),
             {"AWS_ENDPOINT_URL_S3": names.proxy.endpoint})
-        submit(names.strict, write_config(directory / "strict.yaml", tiny_config(
+        submit(names.strict, write_config(directory / "strict.yaml", tiny_config(  # two restarts allowed
             names.strict, corrupt.url, storage_url, data={"batch_size": BATCH, "on_bad_sample": "fail"},
-            scaling={"num_workers": 1}, **common)))
+            scaling={"num_workers": 1}, **{**common, "checkpoint": {"max_failures": 2}})))
         yield names
     finally:
         names.proxy.stop()
@@ -438,10 +445,18 @@ def test_a_training_job_through_a_flaky_endpoint_skips_bad_samples_and_checkpoin
     assert_no_file_named(corrupt.uid)
 
 
-def test_a_strict_training_job_fails_naming_the_shard_and_the_sample(jobs, finished_jobs):
+def test_a_strict_training_job_fails_in_one_line_naming_the_shard_and_the_sample_without_restarts(jobs,
+                                                                                                 finished_jobs):
+    from ray.job_submission import JobSubmissionClient
+
     job = finished_jobs[jobs.strict]
     print(f"strict job: {job.seconds:.0f} s")
     assert job.status == "FAILED", job.logs[-5000:]
-    assert "BadSample" in job.logs, job.logs[-5000:]
-    assert re.search(r"train-00000[012]\.tar: (sample '[^']+'|samples \d+ to \d+ unreadable)", job.logs)
+    driver = driver_lines(job.logs)
+    assert re.fullmatch(rf"vitae: error: training run {job.name} failed: train-00000[012]\.tar: "
+                        r"(sample '[^']+'|samples \d+ to \d+ unreadable).*", driver[-1]), "\n".join(driver[-30:])
+    assert not [line for line in driver if line.startswith("Traceback")], "\n".join(driver[-60:])
+    # a deterministic data error is not a worker failure: the one worker was never restarted
+    job_id = JobSubmissionClient().get_job_info(job.name).job_id
+    assert len(train_worker_pids(job_id, alive_only=False)) == 1, job.logs[-5000:]
     assert job.history("epoch") == {}  # it stopped within its first epoch

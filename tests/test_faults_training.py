@@ -31,17 +31,20 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
-from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from data_prep import object_store
 from pipelines.tracking import MODEL_URI_TAG, RUN_NAME_TAG, RunTracker
 from tests.conftest import RAY_AUTH_TOKEN, TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.train_helpers import (
+    ANSI_COLOUR,
     OwnMlflowServer,
+    job_report,
     prepare_dataset,
     ray_job,
     tiny_config,
     train_entrypoint,
+    train_worker_pids,
+    wait_for_checkpoint,
     write_config,
 )
 
@@ -52,7 +55,6 @@ EXPERIMENT = "vitae-faults"
 EPOCHS = 4
 KILL_WORKER_AFTER, STOP_MLFLOW_AFTER, KILL_DRIVER_AFTER = 1, 2, 3  # checkpointed epochs
 EPOCH_LINE = re.compile(rf"\(RayTrainWorker pid=(\d+)[^)]*\) epoch (\d+)/{EPOCHS}  train_loss")
-ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the prefixes of forwarded lines
 
 
 @dataclass
@@ -115,47 +117,6 @@ class Scenario:
                       key=lambda metric: metric.timestamp)
 
 
-def checkpointed_epoch(storage_url: str) -> int:
-    """The epoch of the run's latest checkpoint registered by Ray Train (0 if none)."""
-    location = object_store.parse_s3_url(storage_url)
-    store = object_store.shared_store(location.bucket)
-    key = f"{location.key}/{RUN_NAME}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
-    if store.head(key) is None:
-        return 0
-    latest = json.loads(store.get_bytes(key))["latest_checkpoint_result"]
-    return int(latest["metrics"]["epoch"]) if latest else 0
-
-
-def wait_for_checkpoint(storage_url: str, epoch: int, timeout_s: float, submission_id: str) -> bool:
-    """Whether the run checkpointed `epoch` within `timeout_s`; False at once if the job ended first."""
-    from ray.job_submission import JobSubmissionClient
-
-    jobs = JobSubmissionClient()
-    deadline = time.monotonic() + timeout_s
-    while checkpointed_epoch(storage_url) < epoch:
-        if time.monotonic() > deadline or jobs.get_job_status(submission_id).is_terminal():
-            return False
-        time.sleep(0.5)
-    return True
-
-
-def job_report(submission_id: str) -> str:
-    """The job's status and the end of its logs, for an assertion message."""
-    from ray.job_submission import JobSubmissionClient
-
-    info = JobSubmissionClient().get_job_info(submission_id)
-    return f"job {submission_id} {info.status}: {info.message}\n{ray_job('logs', submission_id).stdout[-6000:]}"
-
-
-def train_worker_pids(job_id: str) -> set[int]:
-    """The living Ray Train worker processes of Ray job `job_id` (the state API of the session head)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=os.environ["RAY_API_SERVER_ADDRESS"],
-                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return {int(actor.pid) for actor in actors if actor.job_id == job_id}
-
-
 def wait_for(condition, what: str, timeout_s: float = 120):
     deadline = time.monotonic() + timeout_s
     while not (value := condition()):
@@ -201,7 +162,7 @@ def run_scenario(config_path: Path, storage_url: str, tracking_server: OwnMlflow
     timeline.mark("submitted")
     job_id = wait_for(lambda: jobs.get_job_info(first).job_id, "the job's Ray job id")
 
-    assert wait_for_checkpoint(storage_url, KILL_WORKER_AFTER, 240, first), "no first checkpoint\n" + job_report(first)
+    assert wait_for_checkpoint(storage_url, RUN_NAME, KILL_WORKER_AFTER, 240, first), "no first checkpoint\n" + job_report(first)
     workers_before = train_worker_pids(job_id)
     killed_worker = min(workers_before)
     os.kill(killed_worker, signal.SIGKILL)
@@ -211,7 +172,7 @@ def run_scenario(config_path: Path, storage_url: str, tracking_server: OwnMlflow
                              "a restarted worker group")
     timeline.mark(f"worker group restarted: pids {sorted(workers_after)}")
 
-    assert wait_for_checkpoint(storage_url, STOP_MLFLOW_AFTER, 240, first), (
+    assert wait_for_checkpoint(storage_url, RUN_NAME, STOP_MLFLOW_AFTER, 240, first), (
         "no checkpoint after the restart\n" + job_report(first))
     tracking_server.stop()
     timeline.mark(f"checkpoint {STOP_MLFLOW_AFTER} stored; MLflow server stopped")
@@ -220,7 +181,7 @@ def run_scenario(config_path: Path, storage_url: str, tracking_server: OwnMlflow
     probe_outage = Probe(probe.run_id, time.monotonic() - started, {metric.step for metric in probe.held_back},
                          min((metric.timestamp for metric in probe.held_back), default=0))
     # without the hold-back, rank 0 would retry for minutes and the next checkpoint would wait
-    if wait_for_checkpoint(storage_url, KILL_DRIVER_AFTER, 150, first):
+    if wait_for_checkpoint(storage_url, RUN_NAME, KILL_DRIVER_AFTER, 150, first):
         timeline.mark(f"checkpoint {KILL_DRIVER_AFTER} stored while MLflow was down")
     driver_pid = int(jobs.get_job_info(first).driver_info.pid)
     os.kill(driver_pid, signal.SIGKILL)

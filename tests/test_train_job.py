@@ -195,3 +195,10 @@ def test_the_driver_refuses_before_using_the_cluster(scenario, override, message
     assert len(lines) == 1 and lines[0].startswith("vitae: error: ") and message in lines[0], lines
     if override.startswith("schedule"):
         assert "another config (schedule.epochs: 4 -> 6)" in lines[0]
+
+
+def test_the_console_holds_our_epoch_lines_and_not_rays_per_rank_chatter(scenario):
+    output = scenario.second.stdout + scenario.second.stderr
+    assert f"epoch {EPOCHS}/{EPOCHS}  train_loss" in output
+    chatter = [line for line in output.splitlines() if "Reporting training result" in line or "PreemptionWatcher" in line]
+    assert not chatter, "\n".join(line[:300] for line in chatter)

@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -14,10 +18,13 @@ from PIL import Image, ImageDraw
 
 from cluster.mlflow_server import start_mlflow_server
 from cluster.net import free_port
+from data_prep import object_store
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
 
 COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230))
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the prefixes of forwarded lines
+FORWARDED = re.compile(r"^\s*\([\w.:-]+ pid=\d+")  # `(RayTrainWorker pid=123, ip=...)`
 
 
 def shape_image(label: int, index: int, size: tuple[int, int]) -> bytes:
@@ -83,6 +90,57 @@ def ray_job(*args: str, check: bool = True, cwd: Path | None = None,
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def checkpointed_epoch(storage_url: str, run_name: str) -> int:
+    """The epoch of run `run_name`'s latest checkpoint registered by Ray Train (0 if none)."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    location = object_store.parse_s3_url(storage_url)
+    store = object_store.shared_store(location.bucket)
+    key = f"{location.key}/{run_name}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+    if store.head(key) is None:
+        return 0
+    latest = json.loads(store.get_bytes(key))["latest_checkpoint_result"]
+    return int(latest["metrics"]["epoch"]) if latest else 0
+
+
+def wait_for_checkpoint(storage_url: str, run_name: str, epoch: int, timeout_s: float, submission_id: str) -> bool:
+    """Whether the run checkpointed `epoch` within `timeout_s`; False at once if the job ended first."""
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient()
+    deadline = time.monotonic() + timeout_s
+    while checkpointed_epoch(storage_url, run_name) < epoch:
+        if time.monotonic() > deadline or jobs.get_job_status(submission_id).is_terminal():
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def job_report(submission_id: str) -> str:
+    """The job's status and the end of its logs, for an assertion message."""
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient().get_job_info(submission_id)
+    return f"job {submission_id} {info.status}: {info.message}\n{ray_job('logs', submission_id).stdout[-6000:]}"
+
+
+def train_worker_pids(job_id: str, alive_only: bool = True) -> set[int]:
+    """The Ray Train worker processes of Ray job `job_id`, living or (`alive_only=False`) ever started
+    (the state API of the session head)."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "RayTrainWorker"), *([("state", "=", "ALIVE")] if alive_only else [])]
+    actors = list_actors(address=os.environ["RAY_API_SERVER_ADDRESS"], filters=filters, limit=10_000)
+    return {int(actor.pid) for actor in actors if actor.job_id == job_id}
+
+
+def driver_lines(logs: str) -> list[str]:
+    """The lines of a job's logs that its driver wrote (not forwarded from a Ray process, which Ray
+    prefixes with `(Name pid=...)`), colour codes removed."""
+    plain = (ANSI_COLOUR.sub("", line) for line in logs.splitlines())
+    return [line for line in plain if line.strip() and not FORWARDED.match(line)]
 
 
 def train_entrypoint(config_path: Path, *overrides: str) -> list[str]:
