@@ -1,10 +1,10 @@
 """The service processes the stack starts: launching them detached, recognising them, stopping them.
 
-A process is recognised by its PID together with its start time and command line as `ps` reports
-them, so a PID that the system has since handed to an unrelated process is never signalled. Each
-service runs with umask 077 (see `private_files`), normally as the leader of its own session; stopping it
-stops that process group and every descendant that left the group (Ray gives each worker a process
-group of its own).
+A process is recognised by its PID together with its start time and command line (psutil), so a
+PID that the system has since handed to an unrelated process is never signalled. Each service runs
+with umask 077 (see `private_files`), normally as the leader of its own session; stopping it stops
+that process group and every descendant that left the group (Ray gives each worker a process group
+of its own).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import psutil
+
 from cluster.private_files import PRIVATE_UMASK, open_private_append
-from data_prep.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,54 +31,51 @@ class ProcessId:
     command: str
 
 
-@dataclass(frozen=True)
-class _Row:
-    id: ProcessId
-    ppid: int
-    pgid: int
-    zombie: bool
+def _identity(process: psutil.Process) -> ProcessId:
+    with process.oneshot():
+        return ProcessId(process.pid, f"{process.create_time():.2f}", " ".join(process.cmdline()))
 
 
-def _process_table() -> dict[int, _Row]:
+def _living(process: psutil.Process) -> bool:
+    """Still running, not a zombie, and not a later process given the same PID."""
     try:
-        listing = subprocess.run(
-            ["ps", "-A", "-ww", "-o", "pid=,ppid=,pgid=,stat=,lstart=,args="],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "LC_ALL": "C"},
-        ).stdout
-    except FileNotFoundError:
-        raise UserError("the `ps` command is missing; install it (Debian/Ubuntu: apt-get install procps)") from None
-    table = {}
-    for line in listing.splitlines():
-        fields = line.split(None, 9)  # pid ppid pgid stat, five words of lstart, then the command
-        if len(fields) < 9:
-            continue
-        pid, ppid, pgid, stat = fields[:4]
-        process = ProcessId(int(pid), " ".join(fields[4:9]), fields[9] if len(fields) == 10 else "")
-        table[process.pid] = _Row(process, int(ppid), int(pgid), stat.startswith("Z"))
-    return table
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
-def _alive(table: dict[int, _Row], process: ProcessId) -> bool:
-    row = table.get(process.pid)
-    return row is not None and not row.zombie and row.id.started == process.started
+def _current(pid: int) -> psutil.Process | None:
+    """The living process with this PID now, whoever it is."""
+    try:
+        found = psutil.Process(pid)
+    except psutil.Error:
+        return None
+    return found if _living(found) else None
 
 
-def _running(table: dict[int, _Row], process: ProcessId) -> bool:
-    return _alive(table, process) and table[process.pid].id.command == process.command
+def _is(found: psutil.Process, process: ProcessId) -> bool:
+    try:
+        return _identity(found) == process
+    except psutil.Error:
+        return False
 
 
-def _family(table: dict[int, _Row], leader: int) -> set[ProcessId]:
+def _family(leader: int) -> list[psutil.Process]:
     """The living members of `leader`'s process group and all their descendants."""
-    pids = {pid for pid, row in table.items() if row.pgid == leader or pid == leader}
-    while True:
-        children = {pid for pid, row in table.items() if row.ppid in pids} - pids
-        if not children:
-            break
-        pids |= children
-    return {table[pid].id for pid in pids if not table[pid].zombie}
+    members: dict[int, psutil.Process] = {}
+    for candidate in psutil.process_iter():
+        try:
+            if candidate.pid == leader or os.getpgid(candidate.pid) == leader:
+                members[candidate.pid] = candidate
+        except (OSError, psutil.Error):
+            continue
+    for member in list(members.values()):
+        try:
+            for child in member.children(recursive=True):
+                members.setdefault(child.pid, child)
+        except psutil.Error:
+            continue
+    return [member for member in members.values() if _living(member)]
 
 
 def launch(
@@ -102,33 +100,33 @@ def launch(
 
 def identify(pid: int) -> ProcessId:
     """The identity of running process `pid` (LookupError if there is none)."""
-    row = _process_table().get(pid)
-    if row is None or row.zombie:
+    found = _current(pid)
+    if found is None:
         raise LookupError(f"no running process {pid}")
-    return row.id
+    return _identity(found)
 
 
 def is_running(process: ProcessId) -> bool:
     """True if `process` still runs: same PID, start time and command line."""
-    return _running(_process_table(), process)
+    found = _current(process.pid)
+    return found is not None and _is(found, process)
 
 
-def _wait_gone(processes: Iterable[ProcessId], timeout_s: float) -> set[ProcessId]:
+def _wait_gone(processes: Iterable[psutil.Process], timeout_s: float) -> list[psutil.Process]:
     """Wait until none of `processes` is alive; return those still alive at the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
-        table = _process_table()
-        living = {process for process in processes if _alive(table, process)}
+        living = [process for process in processes if _living(process)]
         if not living or time.monotonic() > deadline:
             return living
         time.sleep(0.2)
 
 
-def _signal(processes: Iterable[ProcessId], signum: int) -> None:
+def _signal(processes: Iterable[psutil.Process], signum: int) -> None:
     for process in processes:
         try:
-            os.kill(process.pid, signum)
-        except ProcessLookupError:
+            process.send_signal(signum)  # psutil refuses a PID that now names another process
+        except psutil.Error:
             pass
 
 
@@ -141,16 +139,17 @@ def stop(process: ProcessId, timeout_s: float = 30) -> bool:
     a process group of that number exists. If the PID now names an unrelated process, nothing is
     signalled.
     """
-    table = _process_table()
-    if process.pid in table and not table[process.pid].zombie and not _running(table, process):
+    found = _current(process.pid)
+    if found is not None and not _is(found, process):
         return False
-    family = _family(table, process.pid)
-    if process in family:
-        _signal([process], signal.SIGTERM)
-        _wait_gone([process], timeout_s)
-    leftovers = (family | _family(_process_table(), process.pid)) - {process}
+    family = _family(process.pid)
+    leader = [member for member in family if member.pid == process.pid]
+    _signal(leader, signal.SIGTERM)
+    _wait_gone(leader, timeout_s)
+    leftovers = list({member.pid: member for member in family + _family(process.pid)
+                      if member.pid != process.pid}.values())
     _signal(leftovers, signal.SIGTERM)
-    survivors = _wait_gone(leftovers | (family & {process}), timeout_s)
+    survivors = _wait_gone(leftovers + leader, timeout_s)
     _signal(survivors, signal.SIGKILL)
     _wait_gone(survivors, 5)
     return bool(family)
@@ -159,8 +158,7 @@ def stop(process: ProcessId, timeout_s: float = 30) -> bool:
 def kill_child(child: subprocess.Popen) -> None:
     """SIGKILL a service that this process launched and its whole family at once, the way a machine
     failure ends them (no process gets to shut down), and reap it."""
-    table = _process_table()
-    family = _family(table, child.pid) if child.pid in table else set()
+    family = _family(child.pid)
     _signal(family, signal.SIGKILL)
     _wait_gone(family, 5)
     child.wait()
@@ -168,7 +166,7 @@ def kill_child(child: subprocess.Popen) -> None:
 
 def stop_child(child: subprocess.Popen, timeout_s: float = 30) -> None:
     """Stop a service that this process launched, with its family, and reap it."""
-    table = _process_table()
-    if child.pid in table:
-        stop(table[child.pid].id, timeout_s)
+    found = _current(child.pid)
+    if found is not None:
+        stop(_identity(found), timeout_s)
     child.wait()
