@@ -5,6 +5,9 @@ server process; the session's serves the whole suite and must stay up). Once Ray
 registered the first checkpoint the server is stopped. The job must then end within a bounded
 time, its driver's last line a `vitae: error:` naming the endpoint, with no traceback of its own
 and no worker-group restart (the run allows two: `checkpoint.max_failures: 2`).
+
+Ray Train's controller writes to the checkpoint storage too; its pyarrow error, which names no
+endpoint, must read as one line naming it (a real pyarrow S3 filesystem against a closed port).
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import uuid
 
 import pytest
 
+from cluster.net import free_port
 from cluster.s3_server import start_s3_server
 from data_prep import object_store
+from data_prep.errors import UserError
+from data_prep.object_store import S3Config
+from pipelines.run_storage import s3_filesystem
+from pipelines.train_failures import user_error
 from tests.train_helpers import (
     driver_lines,
     job_report,
@@ -88,3 +96,18 @@ def test_an_s3_server_killed_mid_training_ends_the_job_in_one_line_naming_the_en
     assert not [line for line in driver if line.startswith("Traceback")], "\n".join(driver[-60:])
     job_id = JobSubmissionClient().get_job_info(submission_id).job_id
     assert len(train_worker_pids(job_id, alive_only=False)) == 2, "the worker group was restarted\n" + logs[-6000:]
+
+
+def test_a_checkpoint_storage_error_of_ray_trains_controller_reads_as_one_line_naming_the_endpoint(s3_endpoint,
+                                                                                                   monkeypatch):
+    from ray.train import ControllerError
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(OSError) as failure:  # what the controller meets writing its checkpoint snapshot
+        s3_filesystem(S3Config.from_env()).get_file_info(f"b2-ckpt/runs/{RUN_NAME}/snapshot.json")
+
+    error = user_error(ControllerError(failure.value))
+    assert isinstance(error, UserError), failure.value
+    assert endpoint in str(error) and len(str(error).splitlines()) == 1, str(error)
