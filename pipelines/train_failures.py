@@ -67,9 +67,8 @@ def storage_error(cause: BaseException) -> UserError | None:
     message = str(cause)
     if not isinstance(cause, OSError) or "AWS Error" not in message:
         return None
-    detail = message.splitlines()[0] if message else type(cause).__name__
     return UserError(f"the checkpoint storage failed at the S3 endpoint {S3Config.from_env().endpoint_name}: "
-                     f"{detail}")
+                     f"{message.splitlines()[0]}")
 
 
 class UserErrorsEndTheRun(WorkerGroupCallback, ControllerCallback):
