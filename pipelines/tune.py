@@ -22,6 +22,12 @@ checkpoints and re-attach their MLflow runs. The sweep's MLflow run is the lates
 concurrency limit is the one the sweep started with (Tune restores its search algorithm). A new sweep
 whose name exists in the storage is refused, and so is resuming one that does not exist.
 
+Interrupting (SIGINT, Ctrl+C): Tune stops its trials, saves the experiment and returns, with the
+stopped trials marked TERMINATED like finished ones. A trial has ended only when its last result
+says `done` (it ran all its epochs or ASHA stopped it) or it failed; a sweep with fewer ended trials
+than `num_samples` was interrupted: it registers nothing, exits 130 and prints the `vitae tune ...
+--resume` command that continues it, in place of Tune's `Tuner.restore(...)` hint.
+
 At the end the trial table (`trials.csv`) and a figure of the last validation top-1 against each
 searched parameter (`trials.png`) go to the sweep's MLflow run; the best trial that ran all its
 epochs is registered as a new version of `registry.model_name` with the alias @challenger and, with
@@ -33,6 +39,7 @@ epochs is registered as a new version of `registry.model_name` with the alias @c
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -48,6 +55,8 @@ if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
 METRIC, MODE = "val_top1", "max"  # what the sweep optimises and ASHA compares
 REGISTERED_TAG = "vitae.registered_version"  # on the sweep's run: "<model>/<version>", registered once
 TABLE_METRICS = ("val_top1", "val_top5", "val_loss")
+INTERRUPTED_EXIT = 130  # as `vitae` exits on KeyboardInterrupt
+TUNE_RESTORE_HINT = "Tuner.restore("  # in the warning Tune ends an interrupted experiment with
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,7 +81,7 @@ def tune_command(args: argparse.Namespace) -> int:
 
 
 def launch(sweep: Sweep, resume: bool) -> int:
-    """Run (or resume) the sweep; 1 when it stopped unfinished, a trial failed or none completed, else 0."""
+    """Run (or resume) the sweep; 130 when it was interrupted, 1 when a trial failed or none completed, else 0."""
     import ray
 
     from pipelines.run_storage import RunStorage
@@ -89,10 +98,14 @@ def launch(sweep: Sweep, resume: bool) -> int:
     print(f"checkpoints: {storage.run_url(sweep.name)} (the sweep), {storage.run_url(sweep.name)}-<trial id> "
           "(its trials' training runs)", flush=True)
     tracker = attach_sweep_run(sweep, concurrency, resume)
+    logging.getLogger("ray.tune.tune").addFilter(without_tunes_restore_hint)
     results = build_tuner(sweep, storage, tracker.run_id, concurrency, resume).fit()
-    if results.num_terminated + results.num_errors < sweep.config.search.num_samples:
-        print(f"sweep {sweep.name} stopped before all its trials ended: continue it with --resume", flush=True)
-        return 1
+    ended = ended_trials(results)
+    if ended < sweep.config.search.num_samples:
+        print(f"vitae: interrupted: sweep {sweep.name} stopped with {ended} of {sweep.config.search.num_samples} "
+              f"trials ended, nothing registered; continue it with: {sweep.resume_command()}",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
     rows = trial_rows(sweep, results)
     best = finish(sweep, tracker, rows)
     failed = [row["trial_id"] for row in rows if row["status"] == "error"]
@@ -101,6 +114,16 @@ def launch(sweep: Sweep, resume: bool) -> int:
               "run them again with --resume", flush=True)
         return 1
     return 0 if best else 1
+
+
+def ended_trials(results) -> int:
+    """Trials that failed or whose last result is `done`: not those an interruption stopped."""
+    return sum(1 for result in results if result.error or (result.metrics or {}).get("done"))
+
+
+def without_tunes_restore_hint(record: logging.LogRecord) -> bool:
+    """Logging filter: `launch` prints the `vitae tune` command that continues a sweep instead."""
+    return TUNE_RESTORE_HINT not in record.getMessage()
 
 
 def warn_of_copied_credentials() -> None:

@@ -14,8 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES, EPOCHS = 3, 3
 LEARNING_RATES = [1.6e-2, 8e-3, 1e-6]
 SEED = 1
+EXPERIMENT = "vitae-tune-tests"
 COPIED_CREDENTIALS_WARNING = "warning: Ray Tune copies "
 
 
@@ -50,7 +55,7 @@ def sweep_dict(name: str, data_url: str, storage_url: str, **sections) -> dict:
     """A sweep of the tiny training run over the learning rate; `sections` update the defaults."""
     sweep = {
         "name": name,
-        "base": tiny_config("ignored", data_url, storage_url, mlflow={"experiment": "vitae-tune-tests"}),
+        "base": tiny_config("ignored", data_url, storage_url, mlflow={"experiment": EXPERIMENT}),
         "overrides": {"schedule.epochs": EPOCHS},
         "search": {"num_samples": SAMPLES, "seed": SEED,
                    "space": {"optim.lr": {"kind": "choice", "values": LEARNING_RATES}}},
@@ -89,12 +94,28 @@ def write_sweep(path: Path, sweep: dict) -> Path:
     ("overrides.model.depht=2", "base (inline, with overrides): invalid config: model.depht: unknown key"),
     ("serach.num_samples=2", "invalid sweep config: serach: unknown key"),
     ("registry.promote=true", "promote needs registry.model_name"),
+    # absurd values: refused at once
+    ("search.space.optim.lr={kind: loguniform, low: 1.0e-3, high: .inf}",
+     "search.space.optim.lr.loguniform.high: Input should be a finite number"),
+    ("search.space.optim.lr={kind: choice, values: [0.1, .nan]}",
+     "search.space.optim.lr.choice.values: expected finite numbers, got [0.1, nan]"),
+    ("search.space.model.depth={kind: randint, low: 1, high: 100000}",
+     "search.space.model.depth: 99999 does not make a valid training config: model.depth: Input should be less "
+     "than or equal to 64"),
+    ("overrides.optim.lr=.inf", "base (inline, with overrides): invalid config: optim.lr: Input should be a finite"),
+    ("search.num_samples=1000000000", "search.num_samples: Input should be less than or equal to 10000"),
+    ("search.seed=-1", "search.seed: Input should be greater than or equal to 0"),
+    ("asha.reduction_factor=.inf", "asha.reduction_factor: Input should be a finite number"),
+    ("trial.driver_cpus=.nan", "trial.driver_cpus: Input should be a finite number"),
+    ("registry.margin=.inf", "registry.margin: Input should be a finite number"),
 ])
 def test_a_bad_sweep_config_is_one_error_naming_the_field(tmp_path, override, message):
     path = write_sweep(tmp_path / "sweep.yaml", sweep_dict("bad", "s3://data/digits", "s3://ckpt/runs"))
+    started = time.monotonic()
     with pytest.raises(UserError) as error:
         load_sweep(path, [override])
     assert message in str(error.value) and "\n" not in str(error.value)
+    assert time.monotonic() - started < 5, "validation is not cheap"
 
 
 def test_a_sweep_config_resolves_its_base_and_space(tmp_path):
@@ -169,11 +190,7 @@ class Scenario:
 
     @property
     def parent(self):
-        client = MlflowClient()
-        experiment = client.get_experiment_by_name(self.sweep.base.mlflow.experiment).experiment_id
-        runs = client.search_runs([experiment], filter_string=f"tags.`{SWEEP_NAME_TAG}` = '{self.sweep.name}'")
-        assert len(runs) == 1, [run.info.run_id for run in runs]
-        return runs[0]
+        return sweep_run(self.sweep.name)
 
     @property
     def children(self) -> dict:
@@ -186,10 +203,24 @@ class Scenario:
 
     @property
     def table(self) -> list[dict]:
-        path = MlflowClient().download_artifacts(self.parent.info.run_id, "trials.csv", str(self.sweep_path.parent))
-        import pandas
+        return trials_table(self.sweep.name, self.sweep_path.parent)
 
-        return pandas.read_csv(path).to_dict("records")
+
+def sweep_run(sweep_name: str):
+    """The sweep's own MLflow run."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`{SWEEP_NAME_TAG}` = '{sweep_name}'")
+    assert len(runs) == 1, [run.info.run_id for run in runs]
+    return runs[0]
+
+
+def trials_table(sweep_name: str, directory: Path) -> list[dict]:
+    """The sweep's trials.csv, as logged to its MLflow run."""
+    import pandas
+
+    path = MlflowClient().download_artifacts(sweep_run(sweep_name).info.run_id, "trials.csv", str(directory))
+    return pandas.read_csv(path).to_dict("records")
 
 
 def epoch_history(run_id: str) -> list[tuple[int, float]]:
@@ -258,20 +289,32 @@ def stop_when_a_trial_finished_and_another_checkpointed(submission_id: str, swee
     while not (status := client.get_job_status(submission_id)).is_terminal():
         time.sleep(0.2)
     runs = {run.data.tags[RUN_NAME_TAG]: run for run in MlflowClient().search_runs(
-        [MlflowClient().get_experiment_by_name("vitae-tune-tests").experiment_id],
+        [MlflowClient().get_experiment_by_name(EXPERIMENT).experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` LIKE '{sweep_name}-%'")}
     finished_runs = {name: (runs[name].info.status, runs[name].info.end_time, epoch_history(runs[name].info.run_id))
                      for name in finished_names}
     return str(status), AtStop(finished, checkpointed, finished_runs)
 
 
+@dataclass(frozen=True)
+class SweepData:
+    data_url: str  # digits at 16 px
+    checkpoint_bucket: str
+
+
 @pytest.fixture(scope="module")
-def scenario(ray_cluster, tmp_path_factory) -> Scenario:
+def sweep_data(ray_cluster) -> SweepData:
     object_store._CLIENTS.clear()  # clients of this session's S3 server only
     data_bucket, checkpoint_bucket = f"tune-data-{uuid.uuid4().hex[:8]}", f"tune-ckpt-{uuid.uuid4().hex[:8]}"
     for bucket in (data_bucket, checkpoint_bucket):
         object_store.make_client().create_bucket(Bucket=bucket)
     data_url = prepare_dataset("digits", f"s3://{data_bucket}/digits16", shard_max_samples=170, digits_size=16)
+    return SweepData(data_url, checkpoint_bucket)
+
+
+@pytest.fixture(scope="module")
+def scenario(sweep_data, tmp_path_factory) -> Scenario:
+    data_url, checkpoint_bucket = sweep_data.data_url, sweep_data.checkpoint_bucket
     storage_url, model_name, name = f"s3://{checkpoint_bucket}/sweeps", f"tune-test-{uuid.uuid4().hex[:6]}", "lr-sweep"
     sweep_path = write_sweep(tmp_path_factory.mktemp("tune") / "sweep.yaml", sweep_dict(
         name, data_url, storage_url, max_concurrent_trials=1,  # a trial runs while the one before has finished
@@ -393,3 +436,66 @@ def test_the_driver_refuses_before_using_the_cluster(scenario, args, message):
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vitae: error: ") and message in lines[0], lines
+
+
+# --- an interrupted sweep ------------------------------------------------------------------------
+
+class Output:
+    """A process's output, read line by line on a thread, so that a test can wait for a line."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: list[str] = []
+        self.ended = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(process.stdout,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout_s: float) -> bool:
+        """Whether a line matching `pattern` came within `timeout_s` (False at once when the output ended)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.ended or any(re.search(pattern, line) for line in self.lines),
+                                   timeout_s)
+            return any(re.search(pattern, line) for line in self.lines)
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+
+def test_an_interrupted_sweep_registers_nothing_and_prints_the_command_that_continues_it(sweep_data, tmp_path):
+    model_name = f"interrupt-test-{uuid.uuid4().hex[:6]}"
+    sweep_path = write_sweep(tmp_path / "sweep.yaml", sweep_dict(
+        "interrupted", sweep_data.data_url, f"s3://{sweep_data.checkpoint_bucket}/interrupted",
+        overrides={"schedule.epochs": 1}, asha={"enabled": False}, max_concurrent_trials=1,
+        registry={"model_name": model_name}))
+    sweep = subprocess.Popen(tune_entrypoint(sweep_path, "--set", "search.num_samples=2"), cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = Output(sweep)
+    try:
+        # one trial at a time: once the second has started, the first has ended
+        assert output.wait_for(r"Trial \S+_00001 started", timeout_s=400), output.text[-6000:]
+        assert re.search(r"Trial \S+_00000 completed after 1 iterations", output.text), output.text[-6000:]
+        sweep.send_signal(signal.SIGINT)  # as Ctrl+C
+        assert sweep.wait(timeout=240) == 130, output.text[-6000:]
+    finally:
+        sweep.kill()
+    command = (f"vitae tune --config {sweep_path} --set search.num_samples=2 --resume")
+    assert (f"vitae: interrupted: sweep interrupted stopped with 1 of 2 trials ended, nothing registered; "
+            f"continue it with: {command}") in output.text, output.text[-6000:]
+    assert "Tuner.restore(" not in output.text
+    assert MlflowClient().search_model_versions(f"name = '{model_name}'") == []
+
+    resumed = subprocess.run([sys.executable, "-m", "pipelines.cli", *shlex.split(command)[1:]], cwd=REPO,
+                             capture_output=True, text=True, timeout=480)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
+    assert registry.alias_version(model_name, registry.CHALLENGER) == "1"
+    assert [(row["epochs"], row["status"]) for row in trials_table("interrupted", tmp_path)] == [(1, "completed")] * 2
