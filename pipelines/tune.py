@@ -10,10 +10,12 @@ default, Optuna's TPE as an option.
 
 Concurrency: Ray Train places a trial's workers outside the trial's own placement group, so Tune,
 which only sees the trial drivers, would start trials whose workers never fit and wait forever.
-`max_concurrent_trials` is derived instead from `ray.cluster_resources()`: a trial occupies its
+`max_concurrent_trials` is derived instead from what the cluster can hold
+(`ray_connect.cluster_capacity`: an autoscaler's maximum, else the nodes alive): a trial occupies its
 driver's CPUs plus `num_workers` times the resources per worker; for each resource, the cluster
 holds `floor(total / per trial)` trials; the smallest of these, at most `num_samples` (and the
-config's `max_concurrent_trials`), is used and the derivation printed.
+config's `max_concurrent_trials`), is used and the derivation printed; a trial that does not fit
+at all is refused (`ray_connect.require_resources`).
 
 Resuming (`--resume`): `Tuner.restore` reloads the experiment (trials, searcher, ASHA's rungs) from
 the checkpoint storage. Finished trials stay finished; unfinished and errored trials start again
@@ -82,8 +84,7 @@ def tune_command(args: argparse.Namespace) -> int:
 
 def launch(sweep: Sweep, resume: bool) -> int:
     """Run (or resume) the sweep; 130 when it was interrupted, 1 when a trial failed or none completed, else 0."""
-    import ray
-
+    from pipelines.ray_connect import cluster_capacity, connect_to_ray, require_resources
     from pipelines.run_storage import RunStorage
     from pipelines.train import check_dataset
 
@@ -91,8 +92,11 @@ def launch(sweep: Sweep, resume: bool) -> int:
     storage = RunStorage.open(sweep.base.checkpoint.storage_path)
     check_experiment(sweep, storage, resume)
     warn_of_copied_credentials()
-    ray.init()
-    concurrency = derive_concurrency(ray.cluster_resources(), trial_resources(sweep), sweep.config.search.num_samples,
+    connect_to_ray()
+    capacity = cluster_capacity()
+    require_resources(trial_resources(sweep), capacity, "a trial", "use fewer or smaller workers per trial "
+                      "(trial.num_workers, trial.driver_cpus) or a larger cluster")
+    concurrency = derive_concurrency(capacity.resources, trial_resources(sweep), sweep.config.search.num_samples,
                                      sweep.config.max_concurrent_trials)
     print(describe(sweep), concurrency.explanation, sep="\n", flush=True)
     print(f"checkpoints: {storage.run_url(sweep.name)} (the sweep), {storage.run_url(sweep.name)}-<trial id> "
@@ -175,23 +179,20 @@ def trial_resources(sweep: Sweep) -> dict[str, float]:
 
 def derive_concurrency(cluster: Mapping[str, float], per_trial: Mapping[str, float], num_samples: int,
                        cap: int | None = None) -> Concurrency:
-    """How many trials can run at once with every trial's workers placed."""
-    from data_prep.errors import UserError
+    """How many trials can run at once with every trial's workers placed (at least one trial fits:
+    `ray_connect.require_resources`)."""
+    from pipelines.ray_connect import describe_resources
 
     needed = {name: amount for name, amount in per_trial.items() if amount > 0}
     fits = {name: math.floor(cluster.get(name, 0.0) / amount + 1e-9) for name, amount in needed.items()}
-    if any(count == 0 for count in fits.values()):
-        raise UserError(f"a trial needs {_resources(needed)} but the cluster has "
-                        f"{_resources({name: cluster.get(name, 0.0) for name in needed})}: use fewer or smaller "
-                        "workers per trial (trial.num_workers, trial.driver_cpus) or a larger cluster")
     limits = {f"{name}: {_number(cluster[name])} // {_number(needed[name])}": count for name, count in fits.items()}
     limits[f"num_samples {num_samples}"] = num_samples
     if cap is not None:
         limits[f"max_concurrent_trials {cap}"] = cap
     trials = min(limits.values())
     binding = [reason for reason, count in limits.items() if count == trials]
-    return Concurrency(trials, f"concurrency: a trial needs {_resources(needed) or 'nothing'} (driver and workers); "
-                               f"cluster {_resources({name: cluster.get(name, 0.0) for name in needed})} -> "
+    return Concurrency(trials, f"concurrency: a trial needs {describe_resources(needed)} (driver and workers); "
+                               f"cluster {describe_resources({name: cluster.get(name, 0.0) for name in needed})} -> "
                                f"{trials} trial(s) at a time ({'; '.join(binding)})")
 
 
@@ -205,6 +206,7 @@ def describe(sweep: Sweep) -> str:
 
 def attach_sweep_run(sweep: Sweep, concurrency: Concurrency, resume: bool) -> RunTracker:
     """The sweep's MLflow run (a resumed sweep's own), with the search space and settings as params."""
+    from pipelines.ray_connect import describe_resources
     from pipelines.tracking import RunTracker
 
     config = sweep.config
@@ -213,7 +215,7 @@ def attach_sweep_run(sweep: Sweep, concurrency: Concurrency, resume: bool) -> Ru
         "search.algorithm": config.search.algorithm, "search.num_samples": config.search.num_samples,
         "search.seed": config.search.seed, "asha.enabled": config.asha.enabled, "asha.max_t": sweep.max_t,
         "asha.grace_period": config.asha.grace_period, "asha.reduction_factor": config.asha.reduction_factor,
-        "trial.num_workers": sweep.base.scaling.num_workers, "trial.resources": _resources(trial_resources(sweep)),
+        "trial.num_workers": sweep.base.scaling.num_workers, "trial.resources": describe_resources(trial_resources(sweep)),
         "max_concurrent_trials": concurrency.trials, "data.url": sweep.base.data.url,
         "registry.model_name": config.registry.model_name,
     }
@@ -421,10 +423,6 @@ def _or_default(value: Any) -> str:
 
 def _number(value: float) -> str:
     return f"{value:g}"
-
-
-def _resources(resources: Mapping[str, float]) -> str:
-    return ", ".join(f"{name} {_number(amount)}" for name, amount in sorted(resources.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

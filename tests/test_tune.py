@@ -33,6 +33,7 @@ from cluster.credentials import CREDENTIAL_VARIABLES
 from data_prep import object_store
 from data_prep.errors import UserError
 from pipelines import registry
+from pipelines.ray_connect import ClusterCapacity, require_resources
 from pipelines.run_storage import RunStorage
 from pipelines.sweep_config import load_sweep, trial_run_name
 from pipelines.tracking import PARENT_RUN_TAG, RUN_NAME_TAG, SWEEP_NAME_TAG
@@ -160,7 +161,7 @@ def test_concurrency_leaves_room_for_every_trials_workers(cluster, per_trial, sa
 ])
 def test_a_trial_larger_than_the_cluster_is_refused(cluster, per_trial, message):
     with pytest.raises(UserError, match=message):
-        derive_concurrency(cluster, per_trial, 4)
+        require_resources(per_trial, ClusterCapacity(cluster, "has"), "a trial", "use fewer workers")
 
 
 # --- the scenario: interrupted, resumed, registered, promoted ------------------------------------
