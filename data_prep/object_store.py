@@ -207,6 +207,11 @@ class ObjectStore:
         return self._conditional(f"create {key}", lambda: self.client.put_object(
             Bucket=self.bucket, Key=key, Body=data, Metadata=metadata or {}, IfNoneMatch="*")["ETag"])
 
+    def put_if_match(self, key: str, data: bytes, etag: str, metadata: dict[str, str] | None = None) -> str | None:
+        """Overwrite `key` only if it still holds the version `etag`; its new ETag, or None if it changed or is gone."""
+        return self._conditional(f"overwrite {key}", lambda: self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=data, Metadata=metadata or {}, IfMatch=etag)["ETag"])
+
     def delete_if_match(self, key: str, etag: str) -> bool:
         """Delete `key` only if it still holds the version `etag`; False if it changed or is gone."""
         return bool(self._conditional(f"delete {key}", lambda: self.client.delete_object(

@@ -15,6 +15,7 @@ while it is still ours (`If-Match`). The registry uses it to serialise promotion
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -101,9 +102,7 @@ class Lease:
 
     def renew(self) -> bool:
         """Extend the lease by its TTL if it is still ours; False (and `lost` says why) if not."""
-        etag = self.store._conditional(f"renew {self.key}", lambda: self.store.client.put_object(
-            Bucket=self.store.bucket, Key=self.key, Body=uuid.uuid4().bytes, Metadata=self._metadata(),
-            IfMatch=self.etag)["ETag"])
+        etag = self.store.put_if_match(self.key, uuid.uuid4().bytes, self.etag, self._metadata())
         if etag is None:
             self.lost = f"{self.url} was taken over or deleted while held by this process"
             return False
@@ -144,9 +143,12 @@ class Lease:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:  # the block's own error is the one to report; an unreleased lease expires
+            with contextlib.suppress(UserError):
+                self.release()
+            return
         self.release()
-        if exc_type is None:
-            self.check()
+        self.check()
 
 
 def describe_holder(current: StoredObject | None) -> str:
