@@ -1,4 +1,4 @@
-"""Input-pipeline benchmark: samples/s of the training loader (`pipelines.input_pipeline.train_loader`:
+"""Input-pipeline benchmark: samples/s of the training loader (`pipelines.training.input_pipeline.train_loader`:
 shards streamed from a real moto S3 server, decoded and augmented in N DataLoader workers) against
 the same training images read from local files by a plain map-style DataLoader with the same
 transform, workers and batch size, in the same run. Beside them: the training loader on the same
@@ -9,7 +9,7 @@ memory, the ceiling of one loader worker.
 
 The images are generated JPEGs, prepared by `data_prep.prep.prepare` into S3 and into a local
 directory; the loaders, transform and batch come from a training config through
-`pipelines.train_loop.build_data`, as in a training job. Every loader reads one epoch of the training
+`pipelines.training.worker.build_data`, as in a training job. Every loader reads one epoch of the training
 split per round (its DataLoader workers started anew, as training does each epoch); loaders alternate
 within a round and each keeps its best round. The last line is the headline ratio.
 """
@@ -32,10 +32,10 @@ from benchmarks.report import best_of_rounds, print_table, timed
 from data_prep.dataset import PreparedDataset, decode_sample
 from data_prep.images import decode, to_rgb
 from data_prep.prep import PrepOptions, prepare
-from pipelines.augment import TrainTransform
-from pipelines.input_pipeline import SplitShards, collate, train_loader
-from pipelines.train_config import TrainConfig
-from pipelines.train_loop import DataSetup, WorkerEnv, build_data, build_model
+from pipelines.training.augment import TrainTransform
+from pipelines.training.input_pipeline import SplitShards, collate, train_loader
+from pipelines.training.config import TrainConfig
+from pipelines.training.worker import DataSetup, WorkerEnv, build_data, build_model
 
 BASELINE = "DataLoader over local image files (baseline)"
 

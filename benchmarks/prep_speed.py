@@ -18,9 +18,9 @@ from pathlib import Path
 
 from benchmarks.environment import generate_jpegs, s3_server
 from benchmarks.report import best_of_rounds, print_table, timed
-from data_prep.object_store import make_client
+from infra.object_store import make_client
 from data_prep.prep import PrepOptions, prepare
-from data_prep.storage import S3Prefix, StagedFile, sha256_file
+from data_prep.locations import S3Prefix, StagedFile, sha256_file
 
 
 def measure_conversion(images: Path, work: Path, count: int, shard_mb: int) -> tuple[float, float, Path]:

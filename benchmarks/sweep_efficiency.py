@@ -4,7 +4,7 @@ pick the same best configuration.
 
     python -m benchmarks.sweep_efficiency --samples 4 --epochs 4 --concurrent 2
 
-Both sweeps are `pipelines.tune.launch` of `configs/digits_sweep.yaml` (its search space, seed and
+Both sweeps are `pipelines.tuning.driver.launch` of `configs/digits_sweep.yaml` (its search space, seed and
 ASHA settings) with these sizes as overrides, on a real Ray head, reading digits from a real moto
 S3 server and tracked by a real `mlflow server` (free ports, stopped at the end); nothing is
 registered. The same seed samples the same trials in both. Trial-epochs, the trial table and the
@@ -24,8 +24,8 @@ from benchmarks.environment import embedded_stack
 from benchmarks.report import print_table, timed
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
-from pipelines.sweep_config import Sweep, load_sweep
-from pipelines.tune import launch
+from pipelines.tuning.config import Sweep, load_sweep
+from pipelines.tuning.driver import launch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_sweep.yaml"
 EXPERIMENT = "benchmarks"
@@ -65,7 +65,7 @@ def read_outcome(sweep_name: str, wall_s: float) -> SweepOutcome:
     import mlflow
     import pandas
 
-    from pipelines.tracking import SWEEP_NAME_TAG
+    from pipelines.tracking.runs import SWEEP_NAME_TAG
 
     run = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=f"tags.`{SWEEP_NAME_TAG}` = '{sweep_name}'",
                              output_format="list")[0]

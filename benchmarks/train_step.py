@@ -4,12 +4,12 @@ data loader, batch and step code, in the same run; and the fixed cost of startin
 
     python -m benchmarks.train_step --epochs 3
 
-The job is `pipelines.train.fit` of `configs/digits_vitae_t.yaml` with one worker (its `--threads`
+The job is `pipelines.training.driver.fit` of `configs/digits_vitae_t.yaml` with one worker (its `--threads`
 CPUs, so Ray gives it as many intra-op threads), on a real Ray head, reading digits from a real
 moto S3 server and logging to a real `mlflow server` (all on free ports, stopped at the end); its
 figures are the per-epoch metrics it logs to MLflow. The plain loop is the job's own pieces run in
 this process without Ray (`build_model`, `build_data`, `fresh_training`, `train_loader`,
-`train_epoch`, `epoch_metrics` of `pipelines.train_loop`), with `torch.set_num_threads(--threads)`,
+`train_epoch`, `epoch_metrics` of `pipelines.training.worker`), with `torch.set_num_threads(--threads)`,
 once before and once after the job. Each run is represented by its fastest epoch after the first
 (the first warms up; on a shared machine the fastest is the one least slowed by others). The
 fixed cost is the wall time of `fit()` minus the job's epoch times (training and validation), and
@@ -33,11 +33,11 @@ from benchmarks.report import print_table, timed
 from data_prep.dataset import PreparedDataset
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
-from pipelines.input_pipeline import train_loader
-from pipelines.run_storage import RunStorage
-from pipelines.train import fit
-from pipelines.train_config import TrainConfig, load_config
-from pipelines.train_loop import WorkerEnv, build_data, build_model, epoch_metrics, fresh_training, train_epoch
+from pipelines.training.input_pipeline import train_loader
+from pipelines.training.run_storage import RunStorage
+from pipelines.training.driver import fit
+from pipelines.training.config import TrainConfig, load_config
+from pipelines.training.worker import WorkerEnv, build_data, build_model, epoch_metrics, fresh_training, train_epoch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_vitae_t.yaml"
 PHASES = ("data_wait_ms", "forward_ms", "backward_ms", "optimizer_ms")

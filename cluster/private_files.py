@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from data_prep.errors import UserError
+from infra.errors import UserError
 
 PRIVATE_UMASK = 0o077  # for the service processes: files 0600, directories 0700
 _GROUP_OR_OTHER = 0o077

@@ -53,7 +53,7 @@ from cluster.ray_head import (
     start_ray_head,
 )
 from cluster.s3_server import REGION, create_buckets, s3_server_healthy, start_s3_server
-from data_prep.errors import UserError
+from infra.errors import UserError
 
 SERVICES = ("s3", "mlflow", "ray")  # start order; `down` goes in reverse
 HEALTH_TIMEOUT_S = 60  # for a service found running that does not answer yet

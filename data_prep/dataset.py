@@ -11,7 +11,7 @@ names the shard and the sample. Shards are read in memory (webdataset reads each
 bytes); no reader extracts members to disk, whatever their names.
 
 Importing this module registers an `s3://` opener in webdataset's `gopen_schemes` (webdataset
-1.0.2 has none): it streams GetObject bodies through `data_prep.object_store`, with a client per
+1.0.2 has none): it streams GetObject bodies through `infra.object_store`, with a client per
 process built from the environment. Every process that opens `s3://` shards must import this
 module; unpickling a pipeline that references `decode_sample` does so (e.g. in DataLoader workers).
 """
@@ -26,13 +26,13 @@ from typing import Literal
 from PIL import Image
 
 from data_prep import images
-from data_prep.errors import UserError
+from infra.errors import UserError
 from data_prep.manifest import (
     DATASET_NAME, FORMAT_VERSION, IMAGE_EXTENSIONS, MANIFEST_NAME, DatasetInfo, ShardRecord,
     manifest_from_parquet,
 )
-from data_prep.object_store import parse_s3_url, shared_store
-from data_prep.storage import Storage, open_storage
+from infra.object_store import parse_s3_url, shared_store
+from data_prep.locations import Storage, open_storage
 
 
 @dataclass

@@ -21,16 +21,16 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from data_prep.errors import UserError
+from infra.errors import UserError
 from data_prep.images import RejectedImage, prepare_image
 from data_prep.manifest import (
     DATASET_NAME, MANIFEST_NAME, REJECTS_NAME, SPLITS, DatasetInfo, ShardRecord, manifest_to_parquet,
 )
-from data_prep.object_store import is_s3_url
+from infra.object_store import is_s3_url
 from data_prep.shards import EncodedSample, write_split
 from data_prep.sources import MAX_DIGITS_SIZE, Reject, Source, SourceImage, SourceOptions, open_source
 from data_prep.splitting import check_fractions, shuffled, stratified_splits
-from data_prep.storage import StagedFile, Storage, open_storage
+from data_prep.locations import StagedFile, Storage, open_storage
 
 MAX_WORKERS = 64  # decoding threads: each holds a decoded image and 8 results in flight
 

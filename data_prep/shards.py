@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from data_prep.manifest import SHARD_PATTERN, ShardRecord, sample_key
-from data_prep.storage import sha256_file
+from data_prep.locations import sha256_file
 
 TAR_OPTIONS = dict(encoder=False, mtime=0, user="vitae", group="vitae", mode=0o444, format="USTAR_FORMAT")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import sys
 
-from data_prep.errors import UserError
+from infra.errors import UserError
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:

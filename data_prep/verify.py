@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from data_prep.dataset import BadSample, PreparedDataset, decode_sample
-from data_prep.errors import UserError
+from infra.errors import UserError
 from data_prep.manifest import ShardRecord
 
 

@@ -18,8 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from torch import nn
 
-from data_prep.errors import UserError
-from pipelines.augment import normalize
+from infra.errors import UserError
+from pipelines.training.augment import normalize
 
 MODEL_NAME = "model"  # the logged model's name within its run
 DISTRIBUTION = "vitae-pipeline"  # the model's classes and its pyfunc loader come from this package

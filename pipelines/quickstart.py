@@ -46,7 +46,7 @@ def quickstart_command(args: argparse.Namespace) -> int:
     sweep = load_quickstart_sweep(args.config, args.overrides, dataset_url, env["VITAE_CHECKPOINT_BUCKET"])
     step(f"3/4 sweep {sweep.name}: {sweep.config.search.num_samples} trials, registered as "
          f"{sweep.config.registry.model_name}@challenger, then promoted (4/4)")
-    from pipelines.tune import launch
+    from pipelines.tuning.driver import launch
 
     status = launch(sweep, resume=False)
     if status:
@@ -85,7 +85,7 @@ def prepare_digits(dataset_url: str) -> None:
 
 
 def load_quickstart_sweep(config: str, overrides: list[str], dataset_url: str, checkpoint_bucket: str):
-    from pipelines.sweep_config import load_sweep
+    from pipelines.tuning.config import load_sweep
 
     return load_sweep(config, [
         f"name=quickstart-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -97,8 +97,8 @@ def load_quickstart_sweep(config: str, overrides: list[str], dataset_url: str, c
 
 
 def summarize(model_name: str, dataset_url: str, env: dict[str, str], directory: Path, elapsed_s: float) -> None:
-    from pipelines.evaluate import evaluate_model
-    from pipelines.registry import CHAMPION, alias_version
+    from pipelines.model_registry.evaluation import evaluate_model
+    from pipelines.model_registry.champions import CHAMPION, alias_version
 
     champion = alias_version(model_name, CHAMPION)
     uri = f"models:/{model_name}@{CHAMPION}"

@@ -39,7 +39,7 @@ from PIL import Image
 from torch import nn
 
 from data_prep import images
-from pipelines.augment import EvalTransform
+from pipelines.training.augment import EvalTransform
 from pipelines.model_packaging import ClassifierInfo
 
 IMAGE_COLUMN = "image"

@@ -14,15 +14,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from data_prep import object_store
+from infra import object_store
 from data_prep.dataset import PreparedDataset
-from pipelines.evaluation import EvalTotals, evaluate
-from pipelines.input_pipeline import SplitShards, eval_loader, train_loader
+from pipelines.training.validation import EvalTotals, evaluate
+from pipelines.training.input_pipeline import SplitShards, eval_loader, train_loader
 from pipelines.model_packaging import log_classifier
-from pipelines.optim import build_optimizer
-from pipelines.registry import DATASET_URL_TAG, register_challenger
-from pipelines.train_config import TrainConfig
-from pipelines.train_loop import DataSetup, WorkerEnv, build_data, build_model
+from pipelines.training.optim import build_optimizer
+from pipelines.model_registry.champions import DATASET_URL_TAG, register_challenger
+from pipelines.training.config import TrainConfig
+from pipelines.training.worker import DataSetup, WorkerEnv, build_data, build_model
 from tests.train_helpers import prepare_dataset, tiny_config
 
 CPU = torch.device("cpu")

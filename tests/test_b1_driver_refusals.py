@@ -18,9 +18,9 @@ import pytest
 from mlflow import MlflowClient
 
 from cluster.net import wait_until
-from data_prep import object_store
-from pipelines.run_storage import LEASES
-from pipelines.tracking import RUN_NAME_TAG
+from infra import object_store
+from pipelines.training.run_storage import LEASES
+from pipelines.tracking.runs import RUN_NAME_TAG
 from tests.train_helpers import prepare_dataset, tiny_config, train_entrypoint, write_config
 
 pytestmark = pytest.mark.timeout(900)

@@ -17,8 +17,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines import plots
-from pipelines.tracking import CONFUSION_MATRIX, LEARNING_CURVES, RunTracker
+from pipelines.tracking import plots
+from pipelines.tracking.runs import CONFUSION_MATRIX, LEARNING_CURVES, RunTracker
 from tests.train_helpers import OwnMlflowServer
 
 pytestmark = pytest.mark.timeout(300)

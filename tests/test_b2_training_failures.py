@@ -20,11 +20,11 @@ import pytest
 
 from cluster.net import free_port
 from cluster.s3_server import start_s3_server
-from data_prep import object_store
-from data_prep.errors import UserError
-from data_prep.object_store import S3Config
-from pipelines.run_storage import s3_filesystem
-from pipelines.train_failures import user_error
+from infra import object_store
+from infra.errors import UserError
+from infra.object_store import S3Config
+from pipelines.training.run_storage import s3_filesystem
+from pipelines.training.failures import user_error
 from tests.train_helpers import (
     driver_lines,
     job_report,

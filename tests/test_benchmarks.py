@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.gpu_readiness import measure_mfu, peak_flops
 from benchmarks.train_step import PHASES, plain_loop
-from pipelines.train_config import TrainConfig
+from pipelines.training.config import TrainConfig
 from tests.train_helpers import make_shapes_folder, prepare_dataset, tiny_config
 from vitae.flops import model_stats
 

@@ -33,13 +33,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from data_prep import object_store
-from data_prep.errors import UserError
-from pipelines import registry
-from pipelines.checkpointing import STATE_NAME
+from infra import object_store
+from infra.errors import UserError
+from pipelines.model_registry import champions
+from pipelines.training.train_state import STATE_NAME
 from pipelines.cli import build_parser
-from pipelines.job_options import EvaluateOptions, PromoteOptions, resolve_options
-from pipelines.tracking import PARENT_RUN_TAG, RUN_NAME_TAG, SWEEP_NAME_TAG
+from pipelines.model_registry.job_options import EvaluateOptions, PromoteOptions, resolve_options
+from pipelines.tracking.runs import PARENT_RUN_TAG, RUN_NAME_TAG, SWEEP_NAME_TAG
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.train_helpers import prepare_dataset, ray_job, tiny_config, write_config
 
@@ -244,7 +244,7 @@ def test_the_sweep_job_trains_its_trials_and_registers_the_best(scenario):
     for run in trials:
         assert checkpoint_keys(scenario.storage_url, run.data.tags[RUN_NAME_TAG]), run.data.tags[RUN_NAME_TAG]
     challenger = MlflowClient().get_model_version(scenario.model_name,
-                                                  registry.alias_version(scenario.model_name, registry.CHALLENGER))
+                                                  champions.alias_version(scenario.model_name, champions.CHALLENGER))
     assert challenger.run_id in {run.info.run_id for run in trials}
     assert f"registered models:/{scenario.model_name}/{challenger.version}" in output
 
@@ -265,8 +265,8 @@ def test_a_sweep_with_a_failed_trial_fails_its_job(scenario):
 def test_the_promote_job_moves_the_champion(scenario):
     output = scenario.output("promote")
     assert scenario.submitted["promote"].returncode == 0, output[-4000:]
-    challenger = registry.alias_version(scenario.model_name, registry.CHALLENGER)
-    assert registry.alias_version(scenario.model_name, registry.CHAMPION) == challenger
+    challenger = champions.alias_version(scenario.model_name, champions.CHALLENGER)
+    assert champions.alias_version(scenario.model_name, champions.CHAMPION) == challenger
     assert f"promoted: no champion yet: version {challenger}" in output
     assert (f"logged to the MLflow experiment promotions/{scenario.model_name} at "
             f"{os.environ['MLFLOW_TRACKING_URI']}") in output
@@ -283,7 +283,7 @@ def test_the_evaluate_job_writes_its_report_to_s3(scenario):
     assert report["samples"] == TEST_SAMPLES and report["split"] == "test"
     assert store.get_bytes(f"{location.key}/confusion_matrix.png")[:8] == b"\x89PNG\r\n\x1a\n"
     # The same model on the same split as promotion scored it: the same number.
-    challenger = registry.alias_version(scenario.model_name, registry.CHALLENGER)
+    challenger = champions.alias_version(scenario.model_name, champions.CHALLENGER)
     tags = MlflowClient().get_model_version(scenario.model_name, challenger).tags
     assert report["top1"] == pytest.approx(float(tags["eval.top1"]))
 

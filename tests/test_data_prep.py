@@ -22,10 +22,10 @@ import webdataset as wds
 from PIL import Image
 
 from cluster.net import free_port
-from data_prep import object_store
+from infra import object_store
 from data_prep.dataset import PreparedDataset, decode_sample
-from data_prep.errors import UserError
-from data_prep.object_store import make_client
+from infra.errors import UserError
+from infra.object_store import make_client
 from pipelines.cli import main
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 

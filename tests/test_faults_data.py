@@ -34,16 +34,16 @@ import pytest
 import webdataset as wds
 from mlflow import MlflowClient
 
-from data_prep import object_store
+from infra import object_store
 from data_prep.dataset import BadSample, PreparedDataset
-from data_prep.object_store import EndpointError, S3Config
+from infra.object_store import EndpointError, S3Config
 from data_prep.verify import verify_dataset
-from pipelines.augment import EvalTransform, TrainTransform
+from pipelines.training.augment import EvalTransform, TrainTransform
 from pipelines.cli import main as cli_main
-from pipelines.input_pipeline import ReaderLayout, SplitShards, eval_loader, skipped_samples, train_loader
-from pipelines.run_storage import RunStorage
-from pipelines.sharding import steps_per_epoch
-from pipelines.tracking import RUN_NAME_TAG
+from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader, skipped_samples, train_loader
+from pipelines.training.run_storage import RunStorage
+from pipelines.training.sharding import steps_per_epoch
+from pipelines.tracking.runs import RUN_NAME_TAG
 from tests.s3_fault_proxy import FAULTS, FaultProxy
 from tests.train_helpers import (
     driver_lines,
@@ -293,7 +293,7 @@ def test_bad_samples_are_skipped_and_counted_while_every_rank_runs_full_batches(
 def test_each_skipped_sample_is_a_warning_naming_its_shard(corrupt, caplog):
     shards = SplitShards.of(PreparedDataset.open(corrupt.url), "train")
     loader = train_loader(shards, ReaderLayout(0, 1, loader_workers=0), train_transform(), BATCH, 20, 0, epoch=0)
-    with caplog.at_level("WARNING", logger="pipelines.input_pipeline"):
+    with caplog.at_level("WARNING", logger="pipelines.training.input_pipeline"):
         assert len(list(loader)) == steps_per_epoch(shards.total, 1, BATCH)
     warnings = [record.getMessage() for record in caplog.records]
     for shard, fragments in corrupt.train_problems.items():

@@ -32,8 +32,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from data_prep import object_store
-from pipelines.tracking import MODEL_URI_TAG, RUN_NAME_TAG, RunTracker
+from infra import object_store
+from pipelines.tracking.runs import MODEL_URI_TAG, RUN_NAME_TAG, RunTracker
 from tests.conftest import RAY_AUTH_TOKEN, TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.train_helpers import (
     ANSI_COLOUR,

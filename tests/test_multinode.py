@@ -45,11 +45,11 @@ from cluster.ray_head import (
     start_ray_head,
     start_ray_worker_node,
 )
-from data_prep import object_store
+from infra import object_store
 from data_prep.dataset import PreparedDataset, shard_name_of
-from pipelines.run_storage import RunStorage
-from pipelines.sharding import steps_per_epoch
-from pipelines.tracking import RUN_NAME_TAG
+from pipelines.training.run_storage import RunStorage
+from pipelines.training.sharding import steps_per_epoch
+from pipelines.tracking.runs import RUN_NAME_TAG
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.train_helpers import prepare_dataset, ray_job, tiny_config, train_entrypoint, write_config
 

@@ -13,11 +13,11 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from data_prep import object_store
-from pipelines import registry
+from infra import object_store
+from pipelines.model_registry import champions
 from pipelines.cli import main
-from pipelines.promote import LOCK_BUCKET_ENV, promote_registered
-from pipelines.tracking import MODEL_URI_TAG, RUN_NAME_TAG, ensure_experiment
+from pipelines.model_registry.promotion import LOCK_BUCKET_ENV, promote_registered
+from pipelines.tracking.runs import MODEL_URI_TAG, RUN_NAME_TAG, ensure_experiment
 from tests.http_fault_proxy import dead_tracking_uri, mlflow_behind_proxy, tracking_uri
 from tests.model_helpers import TinyClassifier, digits_dataset, make_classifier, register
 
@@ -52,8 +52,8 @@ def model_name(mlflow_server) -> str:
 
 
 def aliases(model_name: str) -> tuple[str | None, str | None, str | None]:
-    return tuple(registry.alias_version(model_name, alias)
-                 for alias in (registry.CHAMPION, registry.CHALLENGER, registry.PREVIOUS_CHAMPION))
+    return tuple(champions.alias_version(model_name, alias)
+                 for alias in (champions.CHAMPION, champions.CHALLENGER, champions.PREVIOUS_CHAMPION))
 
 
 def promote(capsys, model_name: str, lock_bucket: str, *options: str) -> str:
@@ -119,7 +119,7 @@ def test_promote_registered_is_the_sweeps_entry_point(trained, data_url, lock_bu
     monkeypatch.setenv(LOCK_BUCKET_ENV, lock_bucket)
     version = register(trained.uri, model_name, data_url)
     outcome = promote_registered(model_name, version=version)
-    assert isinstance(outcome, registry.Promotion) and outcome.promoted
+    assert isinstance(outcome, champions.Promotion) and outcome.promoted
     assert outcome.challenger_score == pytest.approx(trained.reference_totals("test").metrics()["top1"])
     again = promote_registered(model_name, data_url, split="val", version=version, margin=0.1, metric="top5",
                                lock_url=f"s3://{lock_bucket}/elsewhere")
@@ -128,7 +128,7 @@ def test_promote_registered_is_the_sweeps_entry_point(trained, data_url, lock_bu
 
 def test_promotion_refusals_are_one_line(trained, lock_bucket, model_name, monkeypatch, capsys):
     monkeypatch.delenv(LOCK_BUCKET_ENV, raising=False)
-    untagged = registry.register_challenger(trained.uri, model_name, {})
+    untagged = champions.register_challenger(trained.uri, model_name, {})
     capsys.readouterr()  # MLflow's registration messages
     cases = [
         (["--model", f"{model_name}-none", "--lock-url", f"s3://{lock_bucket}"], "has no @challenger version"),
@@ -145,7 +145,7 @@ def test_promotion_refusals_are_one_line(trained, lock_bucket, model_name, monke
 
 def champion_of_two(model_name: str, trained, untrained, data_url: str, lock_bucket: str, capsys) -> tuple:
     """`model_name` with the trained model @champion, the untrained one @previous-champion and a new
-    untrained version @challenger; returns the aliases."""
+    untrained version @challenger; returns the champions."""
     register(untrained.uri, model_name, data_url)
     promote(capsys, model_name, lock_bucket)
     register(trained.uri, model_name, data_url)
@@ -201,7 +201,7 @@ def test_a_register_makes_a_training_runs_model_the_challenger(trained, data_url
                                                         f"from {trained.uri}")
     assert aliases(model_name) == (None, "1", None)
     tags = client.get_model_version(model_name, "1").tags
-    assert tags[registry.DATASET_URL_TAG] == data_url and tags["training_run_id"] == run.info.run_id
+    assert tags[champions.DATASET_URL_TAG] == data_url and tags["training_run_id"] == run.info.run_id
 
     done = subprocess.run([sys.executable, "-m", "pipelines.registration", "--model", trained.uri, "--name",
                            model_name, "--data", data_url], capture_output=True, text=True, timeout=120)

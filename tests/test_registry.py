@@ -12,10 +12,10 @@ import uuid
 
 import pytest
 
-from data_prep.errors import UserError
-from data_prep.object_store import ObjectStore
-from pipelines import registry
-from pipelines.lease import Lease
+from infra.errors import UserError
+from infra.object_store import ObjectStore
+from pipelines.model_registry import champions
+from infra.lease import Lease
 
 
 class ConstantModel:  # a pyfunc model: registration needs a logged model, not a trained one
@@ -45,7 +45,7 @@ def register_version(model_name: str, quality: float) -> str:
 
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=Model())
-    return registry.register_challenger(info.model_uri, model_name, {"quality": quality})
+    return champions.register_challenger(info.model_uri, model_name, {"quality": quality})
 
 
 def evaluate_by_tag(delay_s: float = 0.0):
@@ -61,59 +61,59 @@ def evaluate_by_tag(delay_s: float = 0.0):
 
 
 def aliases(model_name: str) -> dict:
-    return {alias: registry.alias_version(model_name, alias)
-            for alias in (registry.CHAMPION, registry.CHALLENGER, registry.PREVIOUS_CHAMPION)}
+    return {alias: champions.alias_version(model_name, alias)
+            for alias in (champions.CHAMPION, champions.CHALLENGER, champions.PREVIOUS_CHAMPION)}
 
 
 def test_better_worse_equal_and_rollback(model_name):
     first = register_version(model_name, 0.80)
-    outcome = registry.promote(model_name, evaluate_by_tag())
+    outcome = champions.promote(model_name, evaluate_by_tag())
     assert outcome.promoted and outcome.champion is None and "no champion yet" in outcome.reason
     assert aliases(model_name) == {"champion": first, "challenger": first, "previous-champion": None}
 
     better = register_version(model_name, 0.90)
-    outcome = registry.promote(model_name, evaluate_by_tag(), margin=0.05)
+    outcome = champions.promote(model_name, evaluate_by_tag(), margin=0.05)
     assert outcome.promoted and (outcome.challenger_score, outcome.champion_score) == (0.90, 0.80)
     assert aliases(model_name) == {"champion": better, "challenger": better, "previous-champion": first}
 
     worse = register_version(model_name, 0.85)
-    outcome = registry.promote(model_name, evaluate_by_tag())
+    outcome = champions.promote(model_name, evaluate_by_tag())
     assert not outcome.promoted and "does not beat" in outcome.reason
     assert aliases(model_name)["champion"] == better
 
     equal = register_version(model_name, 0.90)
-    assert not registry.promote(model_name, evaluate_by_tag()).promoted
+    assert not champions.promote(model_name, evaluate_by_tag()).promoted
     within_margin = register_version(model_name, 0.92)
-    assert not registry.promote(model_name, evaluate_by_tag(), margin=0.05).promoted
-    assert registry.promote(model_name, evaluate_by_tag(), version=within_margin, margin=0.01).promoted
+    assert not champions.promote(model_name, evaluate_by_tag(), margin=0.05).promoted
+    assert champions.promote(model_name, evaluate_by_tag(), version=within_margin, margin=0.01).promoted
     assert aliases(model_name)["previous-champion"] == better
-    assert {worse, equal} and registry.promote(model_name, evaluate_by_tag()).reason.endswith("already the champion")
+    assert {worse, equal} and champions.promote(model_name, evaluate_by_tag()).reason.endswith("already the champion")
 
-    assert registry.rollback(model_name) == (better, within_margin)
+    assert champions.rollback(model_name) == (better, within_margin)
     assert aliases(model_name)["champion"] == better and aliases(model_name)["previous-champion"] == within_margin
 
 
 def test_promote_and_rollback_need_their_aliases(model_name):
     with pytest.raises(UserError, match="no @challenger"):
-        registry.promote(model_name, evaluate_by_tag())
+        champions.promote(model_name, evaluate_by_tag())
     register_version(model_name, 0.5)
-    registry.promote(model_name, evaluate_by_tag())
+    champions.promote(model_name, evaluate_by_tag())
     with pytest.raises(UserError, match="no @previous-champion"):
-        registry.rollback(model_name)
+        champions.rollback(model_name)
     with pytest.raises(UserError, match="metric 'top5'"):
-        registry.promote(model_name, evaluate_by_tag(), version=register_version(model_name, 0.6), metric="top5")
+        champions.promote(model_name, evaluate_by_tag(), version=register_version(model_name, 0.6), metric="top5")
 
 
-def race(model_name: str, lock_store: ObjectStore | None) -> list[registry.Promotion]:
+def race(model_name: str, lock_store: ObjectStore | None) -> list[champions.Promotion]:
     """Two promotions at once: challenger A (0.9) and, a moment later, challenger B (0.7)."""
     register_version(model_name, 0.5)
-    registry.promote(model_name, evaluate_by_tag())
+    champions.promote(model_name, evaluate_by_tag())
     strong, weak = register_version(model_name, 0.9), register_version(model_name, 0.7)
     outcomes = []
 
     def run(version: str) -> None:
         lease = Lease(lock_store, f"locks/{model_name}", poll_s=0.1) if lock_store else None
-        outcomes.append(registry.promote(model_name, evaluate_by_tag(0.6), version=version, lease=lease))
+        outcomes.append(champions.promote(model_name, evaluate_by_tag(0.6), version=version, lease=lease))
 
     threads = [threading.Thread(target=run, args=(strong,)), threading.Thread(target=run, args=(weak,))]
     threads[0].start()
@@ -127,7 +127,7 @@ def race(model_name: str, lock_store: ObjectStore | None) -> list[registry.Promo
 def test_racing_promotions_never_demote_a_better_model(model_name, lock_store):
     unguarded = f"{model_name}-unguarded"  # control: without the lease the race does demote
     race(unguarded, None)
-    assert registry.alias_version(unguarded, registry.CHAMPION) == "3"  # 0.7 replaced the 0.9 model
+    assert champions.alias_version(unguarded, champions.CHAMPION) == "3"  # 0.7 replaced the 0.9 model
 
     outcomes = race(model_name, lock_store)
     assert aliases(model_name)["champion"] == "2" and aliases(model_name)["previous-champion"] == "1"
@@ -154,22 +154,22 @@ def test_lease_excludes_and_breaks_expired_holders(lock_store):
 
 def test_a_second_rollback_is_refused_until_the_next_promotion(model_name):
     first = register_version(model_name, 0.6)
-    registry.promote(model_name, evaluate_by_tag())
+    champions.promote(model_name, evaluate_by_tag())
     second = register_version(model_name, 0.7)
-    registry.promote(model_name, evaluate_by_tag())
-    assert registry.rollback(model_name) == (first, second)
+    champions.promote(model_name, evaluate_by_tag())
+    assert champions.rollback(model_name) == (first, second)
     with pytest.raises(UserError, match=f"already rolled back from version {second} .*--version {second}"):
-        registry.rollback(model_name)  # would swap back to the version rolled back from
+        champions.rollback(model_name)  # would swap back to the version rolled back from
     assert aliases(model_name) == {"champion": first, "challenger": second, "previous-champion": second}
     third = register_version(model_name, 0.8)
-    assert registry.promote(model_name, evaluate_by_tag()).promoted
-    assert registry.rollback(model_name) == (first, third)  # a new promotion can be rolled back
+    assert champions.promote(model_name, evaluate_by_tag()).promoted
+    assert champions.rollback(model_name) == (first, third)  # a new promotion can be rolled back
 
 
 HOLD_UNTIL_KILLED = """
 import pathlib, sys, time
-from pipelines import registry
-from pipelines.promote import registry_lease
+from pipelines.model_registry import champions
+from pipelines.model_registry.promotion import registry_lease
 
 model_name, lock_url, ready = sys.argv[1:]
 
@@ -177,7 +177,7 @@ def evaluate(model_uri):  # holding the lease: say so, then wait to be killed
     pathlib.Path(ready).touch()
     time.sleep(600)
 
-registry.promote(model_name, evaluate, lease=registry_lease(model_name, lock_url))
+champions.promote(model_name, evaluate, lease=registry_lease(model_name, lock_url))
 """
 
 
@@ -189,7 +189,7 @@ def wait_for(condition, deadline_s: float, what: str, context=lambda: "") -> Non
 
 
 def test_a_promotion_killed_while_holding_the_lease_does_not_block_the_next(model_name, lock_store, tmp_path):
-    from pipelines.promote import registry_lease
+    from pipelines.model_registry.promotion import registry_lease
 
     register_version(model_name, 0.5)
     lock_url, ready = f"s3://{lock_store.bucket}/killed", tmp_path / "holding"
@@ -205,7 +205,7 @@ def test_a_promotion_killed_while_holding_the_lease_does_not_block_the_next(mode
     assert lock_store.head(lease.key) is not None  # the dead process still "holds" it
     lease.timeout_s = 30  # bounded: without breaking dead holders this fails after 30 s, not 1 h
     started = time.monotonic()
-    assert registry.promote(model_name, evaluate_by_tag(), lease=lease).promoted
+    assert champions.promote(model_name, evaluate_by_tag(), lease=lease).promoted
     assert time.monotonic() - started < 10
 
 

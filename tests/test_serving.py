@@ -23,7 +23,7 @@ from PIL import Image
 
 from data_prep.dataset import PreparedDataset, decode_sample
 from pipelines.cli import main
-from pipelines.evaluate import evaluate_model
+from pipelines.model_registry.evaluation import evaluate_model
 from pipelines.model_packaging import PackagedClassifier, package
 from tests.http_fault_proxy import dead_tracking_uri, tracking_uri
 from tests.model_helpers import TinyClassifier, digits_dataset, make_classifier
@@ -158,7 +158,7 @@ FRESH_PROCESS = """
 import json, sys
 import mlflow, mlflow.pyfunc, mlflow.pytorch, torch
 from PIL import Image
-from pipelines.augment import EvalTransform
+from pipelines.training.augment import EvalTransform
 
 uri, paths = sys.argv[1], sys.argv[2:]
 by_pyfunc = mlflow.pyfunc.load_model(uri).predict([open(p, "rb").read() for p in paths])["label"].tolist()

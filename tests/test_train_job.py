@@ -22,17 +22,17 @@ import torch
 from mlflow import MlflowClient
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # written once a checkpoint is registered
 
-from data_prep import object_store
+from infra import object_store
 from data_prep.dataset import PreparedDataset
-from pipelines.checkpointing import STATE_NAME
-from pipelines.evaluation import evaluate
-from pipelines.input_pipeline import ReaderLayout, eval_loader
-from pipelines.optim import build_ema, copy_buffers
-from pipelines.run_storage import RunStorage
-from pipelines.sharding import steps_per_epoch
-from pipelines.tracking import RUN_NAME_TAG
-from pipelines.train_config import TrainConfig
-from pipelines.train_loop import WorkerEnv, build_data, build_model
+from pipelines.training.train_state import STATE_NAME
+from pipelines.training.validation import evaluate
+from pipelines.training.input_pipeline import ReaderLayout, eval_loader
+from pipelines.training.optim import build_ema, copy_buffers
+from pipelines.training.run_storage import RunStorage
+from pipelines.training.sharding import steps_per_epoch
+from pipelines.tracking.runs import RUN_NAME_TAG
+from pipelines.training.config import TrainConfig
+from pipelines.training.worker import WorkerEnv, build_data, build_model
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.train_helpers import prepare_dataset, ray_job, tiny_config, train_entrypoint, write_config
 

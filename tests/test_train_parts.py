@@ -19,19 +19,19 @@ from PIL import Image
 
 import vitae
 from data_prep.dataset import PreparedDataset
-from data_prep.errors import UserError
-from pipelines import plots
-from pipelines.augment import RANDAUGMENT_OPS, EvalTransform, TrainTransform, normalize, to_uint8_tensor
-from pipelines.checkpointing import Checkpointer, RngState, TrainProgress
-from pipelines.evaluation import EvalTotals
-from pipelines.input_pipeline import ReaderLayout, SplitShards, eval_loader, train_loader
-from pipelines.mixing import Mixing
+from infra.errors import UserError
+from pipelines.tracking import plots
+from pipelines.training.augment import RANDAUGMENT_OPS, EvalTransform, TrainTransform, normalize, to_uint8_tensor
+from pipelines.training.train_state import Checkpointer, RngState, TrainProgress
+from pipelines.training.validation import EvalTotals
+from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader, train_loader
+from pipelines.training.mixing import Mixing
 from pipelines.model_packaging import ClassifierInfo, package
-from pipelines.optim import build_scheduler, param_groups
-from pipelines.sharding import eval_plan, steps_per_epoch, train_plan
-from pipelines.train import check_dataset
-from pipelines.train_config import ScheduleConfig, config_changes, load_config, parse_config
-from pipelines.train_loop import accumulation_group
+from pipelines.training.optim import build_scheduler, param_groups
+from pipelines.training.sharding import eval_plan, steps_per_epoch, train_plan
+from pipelines.training.driver import check_dataset
+from pipelines.training.config import ScheduleConfig, config_changes, load_config, parse_config
+from pipelines.training.worker import accumulation_group
 from tests.train_helpers import all_reduce_totals, make_shapes_folder, prepare_dataset, tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,14 +30,14 @@ from mlflow import MlflowClient
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from cluster.credentials import CREDENTIAL_VARIABLES
-from data_prep import object_store
-from data_prep.errors import UserError
-from pipelines import registry
-from pipelines.ray_connect import ClusterCapacity, require_resources
-from pipelines.run_storage import RunStorage
-from pipelines.sweep_config import load_sweep, trial_run_name
-from pipelines.tracking import PARENT_RUN_TAG, RUN_NAME_TAG, SWEEP_NAME_TAG
-from pipelines.tune import derive_concurrency, trial_resources, warn_of_copied_credentials
+from infra import object_store
+from infra.errors import UserError
+from pipelines.model_registry import champions
+from pipelines.training.ray_cluster import ClusterCapacity, require_resources
+from pipelines.training.run_storage import RunStorage
+from pipelines.tuning.config import load_sweep, trial_run_name
+from pipelines.tracking.runs import PARENT_RUN_TAG, RUN_NAME_TAG, SWEEP_NAME_TAG
+from pipelines.tuning.driver import derive_concurrency, trial_resources, warn_of_copied_credentials
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.train_helpers import prepare_dataset, tiny_config
 
@@ -94,7 +94,7 @@ def write_sweep(path: Path, sweep: dict) -> Path:
     ("asha.grace_period=4", "asha.grace_period: 4 is more than the trials' schedule.epochs (3)"),
     ("overrides.model.depht=2", "base (inline, with overrides): invalid config: model.depht: unknown key"),
     ("serach.num_samples=2", "invalid sweep config: serach: unknown key"),
-    ("registry.promote=true", "promote needs registry.model_name"),
+    ("champions.promote=true", "promote needs champions.model_name"),
     # absurd values: refused at once
     ("search.space.optim.lr={kind: loguniform, low: 1.0e-3, high: .inf}",
      "search.space.optim.lr.loguniform.high: Input should be a finite number"),
@@ -108,7 +108,7 @@ def write_sweep(path: Path, sweep: dict) -> Path:
     ("search.seed=-1", "search.seed: Input should be greater than or equal to 0"),
     ("asha.reduction_factor=.inf", "asha.reduction_factor: Input should be a finite number"),
     ("trial.driver_cpus=.nan", "trial.driver_cpus: Input should be a finite number"),
-    ("registry.margin=.inf", "registry.margin: Input should be a finite number"),
+    ("champions.margin=.inf", "champions.margin: Input should be a finite number"),
 ])
 def test_a_bad_sweep_config_is_one_error_naming_the_field(tmp_path, override, message):
     path = write_sweep(tmp_path / "sweep.yaml", sweep_dict("bad", "s3://data/digits", "s3://ckpt/runs"))
@@ -380,7 +380,7 @@ def test_trials_are_mlflow_runs_nested_under_the_sweeps_run(scenario, tmp_path):
 
 def test_the_best_trial_is_registered_as_challenger_with_its_lineage(scenario):
     best = max((row for row in scenario.table if row["status"] == "completed"), key=lambda row: row["val_top1"])
-    version = registry.alias_version(scenario.model_name, registry.CHALLENGER)
+    version = champions.alias_version(scenario.model_name, champions.CHALLENGER)
     details = MlflowClient().get_model_version(scenario.model_name, version)
     tags, run = details.tags, scenario.children[best["run_name"]]
     assert details.run_id == tags["training_run_id"] == run.info.run_id
@@ -396,8 +396,8 @@ def test_the_best_trial_is_registered_as_challenger_with_its_lineage(scenario):
 
 
 def test_promotion_runs_at_the_end_when_configured(scenario):
-    challenger = registry.alias_version(scenario.model_name, registry.CHALLENGER)
-    assert registry.alias_version(scenario.model_name, registry.CHAMPION) == challenger  # there was no champion
+    challenger = champions.alias_version(scenario.model_name, champions.CHALLENGER)
+    assert champions.alias_version(scenario.model_name, champions.CHAMPION) == challenger  # there was no champion
     assert "promotion: no champion yet" in scenario.second.stdout
     assert scenario.parent.data.tags["vitae.promoted"] == "True"
 
@@ -498,5 +498,5 @@ def test_an_interrupted_sweep_registers_nothing_and_prints_the_command_that_cont
     resumed = subprocess.run([sys.executable, "-m", "pipelines.cli", *shlex.split(command)[1:]], cwd=REPO,
                              capture_output=True, text=True, timeout=480)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
-    assert registry.alias_version(model_name, registry.CHALLENGER) == "1"
+    assert champions.alias_version(model_name, champions.CHALLENGER) == "1"
     assert [(row["epochs"], row["status"]) for row in trials_table("interrupted", tmp_path)] == [(1, "completed")] * 2

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from cluster.mlflow_server import start_mlflow_server
 from cluster.net import free_port
-from data_prep import object_store
+from infra import object_store
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
 
@@ -168,7 +168,7 @@ def all_reduce_totals(rank: int, init_file: str, parts: list, num_classes: int, 
     import torch
     import torch.distributed as dist
 
-    from pipelines.evaluation import EvalTotals
+    from pipelines.training.validation import EvalTotals
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(parts))
     logits, labels = parts[rank]

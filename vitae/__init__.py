@@ -9,10 +9,10 @@ Checkpoint-compatible with the reference implementation; no Ray, MLflow or S3 im
 
 from . import vitae_v1, vitae_v2  # noqa: F401  (registers the named models)
 from .article import EfficientAttention, MLP, MultiHeadAttention, PatchEmbed, ReductionModule, ViTAEBlock, ViTAETransformer
-from .checkpoint import checkpoint_filter_fn, load_pretrained
+from .pretrained import checkpoint_filter_fn, load_pretrained
 from .layers import set_fused_attn
 from .model import ViTAE
-from .registry import create_model, is_model, list_models, register_model
+from .factory import create_model, is_model, list_models, register_model
 
 __all__ = [
     "create_model", "list_models", "is_model", "register_model", "load_pretrained", "checkpoint_filter_fn",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .registry import create_model
+from .factory import create_model
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:

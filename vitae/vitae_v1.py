@@ -13,7 +13,7 @@ from torch import nn
 from .cells import EmbeddingCell, NormalCell, PerformerBlock, PyramidReduction, PyramidReductionCell, ReductionCell
 from .layers import conv_stack, drop_path_rates, pcm_strides
 from .model import Stage, ViTAE, image_cfg
-from .registry import register_model
+from .factory import register_model
 
 KERNEL_SIZES = (7, 3, 3)
 DILATIONS = ((1, 2, 3, 4), (1, 2, 3), (1, 2))

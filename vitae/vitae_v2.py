@@ -11,7 +11,7 @@ from __future__ import annotations
 from .cells import NormalCell, PyramidReduction, ReductionCell, TokenTransformerBlock, WindowTokenBlock
 from .layers import conv_stack, drop_path_rates, pcm_strides
 from .model import Stage, ViTAE, image_cfg
-from .registry import register_model
+from .factory import register_model
 from .vitae_v1 import _override, check_groups, check_img_size, normal_cell_pcm
 
 KERNEL_SIZES = (7, 3, 3, 3)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
-from data_prep.errors import UserError
+from infra.errors import UserError
 
 CONNECT_SETTINGS = {"RAY_gcs_server_port_wait_time_s": "1"}  # attempts to reach the GCS
 

@@ -16,7 +16,7 @@ def list_models_command(args: argparse.Namespace) -> int:
     import vitae
     from vitae.flops import model_stats
 
-    from data_prep.errors import UserError
+    from infra.errors import UserError
 
     names = vitae.list_models(args.pattern)
     if not names:

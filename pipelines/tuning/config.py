@@ -35,8 +35,8 @@ from typing import Annotated, Any, Iterator, Literal, Mapping, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data_prep.errors import UserError
-from pipelines.train_config import (
+from infra.errors import UserError
+from pipelines.training.config import (
     MAX_SEED, TrainConfig, apply_override, first_problem, parse_config, read_yaml, set_value,
 )
 

@@ -30,8 +30,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.dataset import BadSample, OnBadSample, PreparedDataset, decode_sample, shard_name_of
-from data_prep.errors import UserError
-from pipelines.sharding import ShardRange, eval_plan, train_plan
+from infra.errors import UserError
+from pipelines.training.sharding import ShardRange, eval_plan, train_plan
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
-from data_prep.errors import UserError
-from pipelines.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_LOADER_WORKERS
-from pipelines.promote import METRICS
-from pipelines.train_config import first_problem, read_yaml
+from infra.errors import UserError
+from pipelines.model_registry.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_LOADER_WORKERS
+from pipelines.model_registry.promotion import METRICS
+from pipelines.training.config import first_problem, read_yaml
 
 DEFAULT_SPLIT = "test"
 

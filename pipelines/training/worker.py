@@ -26,18 +26,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 import vitae
 from data_prep.dataset import PreparedDataset
-from pipelines.augment import EvalTransform, TrainTransform, normalize
-from pipelines.checkpointing import Checkpointer, RngState, TrainProgress
-from pipelines.evaluation import EvalTotals, broadcast_buffers, evaluate
-from pipelines.input_pipeline import ReaderLayout, SplitShards, eval_loader, skipped_samples, train_loader
-from pipelines.mixing import Mixing
+from pipelines.training.augment import EvalTransform, TrainTransform, normalize
+from pipelines.training.train_state import Checkpointer, RngState, TrainProgress
+from pipelines.training.validation import EvalTotals, broadcast_buffers, evaluate
+from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader, skipped_samples, train_loader
+from pipelines.training.mixing import Mixing
 from pipelines.model_packaging import ClassifierInfo
-from pipelines.optim import build_ema, build_optimizer, build_scheduler, copy_buffers
-from pipelines.ray_console import quiet_worker
-from pipelines.sharding import steps_per_epoch
-from pipelines.step_timing import PhaseTimer
-from pipelines.tracking import RunTracker
-from pipelines.train_config import TrainConfig, flatten, to_yaml
+from pipelines.training.optim import build_ema, build_optimizer, build_scheduler, copy_buffers
+from pipelines.training.ray_logging import quiet_worker
+from pipelines.training.sharding import steps_per_epoch
+from pipelines.training.step_timing import PhaseTimer
+from pipelines.tracking.runs import RunTracker
+from pipelines.training.config import TrainConfig, flatten, to_yaml
 
 logger = logging.getLogger(__name__)  # Ray Train forwards worker logs to the driver's console
 

@@ -15,7 +15,7 @@ import os
 import re
 from typing import Iterator
 
-from data_prep.errors import UserError
+from infra.errors import UserError
 
 # Per request: 3 attempts over about 3 s (urllib3 backoff 0 s, then 2 s plus jitter) and 30 s to
 # answer, instead of MLflow's 8 attempts over about 4 minutes. A user's own setting of one of these

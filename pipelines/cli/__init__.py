@@ -11,16 +11,16 @@ import argparse
 import importlib
 import sys
 
-from data_prep.errors import UserError
+from infra.errors import UserError
 
 COMMAND_MODULES = (
-    "pipelines.model_commands",
-    "pipelines.train",
-    "pipelines.tune",
-    "pipelines.evaluate",
-    "pipelines.predict",
-    "pipelines.promote",
-    "pipelines.registration",
+    "pipelines.cli.model_table",
+    "pipelines.training.driver",
+    "pipelines.tuning.driver",
+    "pipelines.model_registry.evaluation",
+    "pipelines.model_registry.prediction",
+    "pipelines.model_registry.promotion",
+    "pipelines.model_registry.registration",
     "pipelines.quickstart",
     "data_prep.cli",
     "cluster.cli",

@@ -27,8 +27,8 @@ from typing import Callable
 
 import psutil
 
-from data_prep.errors import UserError
-from data_prep.object_store import ObjectStore, StoredObject
+from infra.errors import UserError
+from infra.object_store import ObjectStore, StoredObject
 
 REPORT_EVERY_S = 60.0
 

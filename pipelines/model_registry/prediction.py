@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def predict_command(args: argparse.Namespace) -> int:
     import mlflow.pyfunc
 
-    from data_prep.errors import UserError
-    from pipelines.mlflow_access import answering, loading
+    from infra.errors import UserError
+    from pipelines.tracking.client import answering, loading
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
@@ -48,7 +48,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
 def read_images(paths: list[str]) -> tuple[list[tuple[str, object]], list[str]]:
     """(path, decoded image) of each file that could be read and decoded, and a line for each other."""
-    from data_prep.errors import UserError
+    from infra.errors import UserError
 
     readable, problems = [], []
     for path in paths:
@@ -69,7 +69,7 @@ def print_predictions(paths: Sequence[str], predictions) -> None:
 
 def read_image(path: str):
     """The decoded image at `path`; `UserError` if it cannot be read or is not an image."""
-    from data_prep.errors import UserError
+    from infra.errors import UserError
     from data_prep.images import RejectedImage
     from pipelines.serving import decode
 

@@ -9,7 +9,7 @@ that unpickles it (Ray's controller, the workers) resolves them from its own env
 boto3 does, so they never travel with the run config.
 
 A run name is held by one driver at a time (`hold`): a lease beside the runs, under `.leases/`
-(no run name starts with "."). On S3 it is a `pipelines.lease.Lease` (renewed while held, broken
+(no run name starts with "."). On S3 it is a `infra.lease.Lease` (renewed while held, broken
 once expired or when its holder was a dead process of the same host); in a local directory a file
 lock (flock: it ends with its holder's process) whose file names the holder. A second driver is
 refused at once, naming the holder.
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_prep.errors import UserError
-from data_prep.object_store import S3Config, is_s3_url, parse_s3_url, shared_store
+from infra.errors import UserError
+from infra.object_store import S3Config, is_s3_url, parse_s3_url, shared_store
 
 LEASES = ".leases"
 LEASE_TTL_S = 60.0  # renewed every third of it while held
@@ -67,7 +67,7 @@ class RunStorage:
             yield
 
     def _lease(self, name: str) -> contextlib.AbstractContextManager:
-        from pipelines.lease import Lease
+        from infra.lease import Lease
 
         if self.filesystem is None:
             return file_lease(Path(self.path) / LEASES / f"{name}.lock")

@@ -22,8 +22,8 @@ from typing import Iterator
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.train.v2._internal.execution.failure_handling import FailureDecision
 
-from data_prep.errors import UserError
-from data_prep.object_store import S3Config
+from infra.errors import UserError
+from infra.object_store import S3Config
 
 
 def root_causes(error: BaseException) -> Iterator[BaseException]:

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_prep.dataset import OnBadSample
-from data_prep.errors import UserError
+from infra.errors import UserError
 
 LR_REFERENCE_BATCH = 512
 # Fields that may change when a run is resumed: they do not alter what is computed.

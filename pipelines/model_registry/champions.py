@@ -2,7 +2,7 @@
 only when it evaluates better, with `@previous-champion` kept for rollback.
 
 Promotions of one registered model are serialised by a lease on an object-storage key (see
-`pipelines.lease`): between reading the champion and moving the alias no other promotion can
+`infra.lease`): between reading the champion and moving the alias no other promotion can
 interleave, so a slower promotion never replaces a better champion that a faster one just set.
 Challenger and champion are scored by the same `evaluate(model_uri) -> metrics` function.
 
@@ -19,7 +19,7 @@ import contextlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
-from data_prep.errors import UserError
+from infra.errors import UserError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -63,7 +63,7 @@ def alias_version(model_name: str, alias: str, client=None) -> str | None:
     model) does not exist; `UserError` for any other failure."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines.mlflow_access import failure, not_found
+    from pipelines.tracking.client import failure, not_found
 
     try:
         return (client or _client()).get_model_version_by_alias(model_name, alias).version

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Protocol
 
-from data_prep.errors import UserError
-from data_prep.object_store import ObjectStore, Upload, is_s3_url, parse_s3_url, shared_store
+from infra.errors import UserError
+from infra.object_store import ObjectStore, Upload, is_s3_url, parse_s3_url, shared_store
 
 SHA256_METADATA = "sha256"
 

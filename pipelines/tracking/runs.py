@@ -38,8 +38,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pipelines import plots
-from pipelines.mlflow_access import quick_retries, short, unreachable, without_credentials
+from pipelines.tracking import plots
+from pipelines.tracking.client import quick_retries, short, unreachable, without_credentials
 from pipelines.model_packaging import ClassifierInfo, log_classifier
 
 RUN_NAME_TAG = "vitae.run_name"

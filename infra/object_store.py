@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
-from data_prep.errors import UserError
+from infra.errors import UserError
 
 RETRY_MODES = ("standard", "adaptive")
 UPLOAD_PART_SIZE = 64 * 2**20  # multipart above this size, in parts of this size (S3: >= 5 MiB)

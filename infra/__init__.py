@@ -1,0 +1,1 @@
+"""What every package may use: user-facing errors, S3 access and the object-storage lease."""

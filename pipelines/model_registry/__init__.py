@@ -1,0 +1,1 @@
+"""Registered models: aliases and promotion, evaluation, prediction, registration."""

@@ -1,0 +1,180 @@
+"""`vitae evaluate` and `python -m pipelines.evaluate` (a `ray job submit` entrypoint): a logged
+model scored on one split of a prepared dataset, in one process, by the code that validates during
+training (`EvalTransform`, `evaluation.evaluate`, `EvalTotals`), so the numbers are training's.
+
+`evaluate_model` is what promotion scores challenger and champion with. The command prints top-1,
+top-5 and loss and writes `confusion_matrix.png` and `metrics.json` to the output: a directory, or
+an `s3://` prefix (a job's own directory on the cluster does not outlive it).
+
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m pipelines.evaluate \\
+        --model models:/digits@champion --data s3://vitae-data/digits --output s3://vitae-checkpoints/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from infra.errors import UserError
+
+if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
+    import torch
+
+    from torch import nn
+
+    from data_prep.dataset import PreparedDataset
+    from data_prep.locations import Storage
+    from pipelines.training.validation import EvalTotals
+    from pipelines.model_packaging import ClassifierInfo
+
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_LOADER_WORKERS = 2
+REPORT_FILES = ("confusion_matrix.png", "metrics.json")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="score a logged model on a split of a prepared dataset",
+        description="Evaluate an MLflow model on one split of a prepared dataset with the training code's "
+                    "evaluation (one process; a GPU if there is one): prints top-1, top-5 and loss, writes "
+                    "confusion_matrix.png and metrics.json.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help="these options as YAML (model:, data:, batch_size: for --batch-size, ...); flags "
+                             "override it")
+    parser.add_argument("--model", metavar="URI",
+                        help="an MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID/model, ... "
+                             "(required)")
+    parser.add_argument("--data", metavar="DEST", help="the prepared dataset (s3:// URL or path; required)")
+    parser.add_argument("--split", help="the split to evaluate on (default: test)")
+    parser.add_argument("--output", metavar="DIR|s3://BUCKET/PREFIX",
+                        help="where to write the figure and metrics (default: evaluations/<model>-<split>)")
+    parser.add_argument("--batch-size", type=int, help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--loader-workers", type=int,
+                        help=f"DataLoader processes decoding images (0: in this process; default: "
+                             f"{DEFAULT_LOADER_WORKERS})")
+    parser.set_defaults(handler=evaluate_command)
+
+
+@dataclass
+class Evaluation:
+    model_uri: str
+    data_url: str
+    split: str
+    info: ClassifierInfo
+    totals: EvalTotals
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {**self.totals.metrics(), "samples": float(self.totals.count)}
+
+    def summary(self) -> str:
+        metrics = self.metrics
+        return (f"{self.model_uri} on {self.data_url} [{self.split}], {self.totals.count} samples: "
+                f"top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  loss {metrics['loss']:.4f}")
+
+
+def evaluate_model(model_uri: str, data_url: str, split: str = "test") -> dict[str, float]:
+    """`top1`, `top5`, `loss` and `samples` of `model_uri` on `split` of the dataset at `data_url`."""
+    return run_evaluation(model_uri, data_url, split).metrics
+
+
+def run_evaluation(model_uri: str, data_url: str, split: str, batch_size: int = DEFAULT_BATCH_SIZE,
+                   loader_workers: int = DEFAULT_LOADER_WORKERS) -> Evaluation:
+    import torch
+    from tqdm import tqdm
+
+    from pipelines.training.augment import EvalTransform
+    from pipelines.training.validation import evaluate
+    from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader
+
+    dataset = open_split(data_url, split)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_model(model_uri, device)
+    check_classes(model_uri, info.class_names, data_url, dataset.class_names)
+    shards = SplitShards.of(dataset, split)
+    transform = EvalTransform(info.img_size, info.crop_pct, info.interpolation)
+    loader = eval_loader(shards, ReaderLayout(0, 1, loader_workers, pin_memory=device.type == "cuda"), transform,
+                         batch_size)
+    batches = tqdm(loader, desc=f"evaluating on {split}", unit="batch", total=-(-shards.total // batch_size),
+                   disable=None)
+    totals = evaluate({"model": model}, batches, lambda images: images, len(info.class_names), device)["model"]
+    return Evaluation(model_uri, data_url, split, info, totals)
+
+
+def open_split(data_url: str, split: str) -> PreparedDataset:
+    from data_prep.dataset import PreparedDataset
+
+    dataset = PreparedDataset.open(data_url)
+    if dataset.num_samples(split) == 0:
+        raise UserError(f"{data_url} has no samples in split {split!r} (it has: {describe(dataset.splits)})")
+    return dataset
+
+
+def check_classes(model_uri: str, model_classes: list[str], data_url: str, data_classes: list[str]) -> None:
+    if model_classes != data_classes:
+        raise UserError(f"{model_uri} predicts {len(model_classes)} classes ({describe(model_classes)}), "
+                        f"{data_url} has {len(data_classes)} ({describe(data_classes)}): evaluate a model on "
+                        "the classes it was trained on")
+
+
+def load_model(model_uri: str, device: torch.device) -> tuple[nn.Module, ClassifierInfo]:
+    """The logged `PackagedClassifier` (uint8 in, logits out) on `device`, with its metadata."""
+    import tempfile
+
+    import mlflow
+
+    from pipelines.tracking.client import loading
+    from pipelines.serving import load_classifier
+
+    with loading(model_uri), tempfile.TemporaryDirectory(prefix="vitae-model-") as directory:
+        return load_classifier(mlflow.artifacts.download_artifacts(model_uri, dst_path=directory), device)
+
+
+def describe(names: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def write_report(evaluation: Evaluation, output: Storage) -> list[str]:
+    """`REPORT_FILES` (the confusion matrix figure, the metrics) to `output`; returns where they went."""
+    import io
+    import json
+
+    from pipelines.tracking import plots
+
+    figure = io.BytesIO()
+    plots.confusion_matrix(evaluation.totals.confusion, evaluation.info.class_names, evaluation.split).savefig(
+        figure, format="png")
+    report = {"model_uri": evaluation.model_uri, "data_url": evaluation.data_url, "split": evaluation.split,
+              **evaluation.metrics, "class_names": evaluation.info.class_names,
+              "confusion": evaluation.totals.confusion.tolist()}
+    figure_name, metrics_name = REPORT_FILES
+    output.write_bytes(figure_name, figure.getvalue())
+    output.write_bytes(metrics_name, (json.dumps(report, indent=2) + "\n").encode())
+    return [output.shard_url(name) for name in REPORT_FILES]  # a local path or an s3:// URL
+
+
+def default_output(model_uri: str, split: str) -> Path:
+    """evaluations/<the URI without its scheme, as a file name>-<split>"""
+    name = re.sub(r"[^\w.@-]+", "_", model_uri.split(":", 1)[-1].strip("/"))
+    return Path("evaluations") / f"{name}-{split}"
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from data_prep.locations import open_storage
+    from pipelines.model_registry.job_options import EvaluateOptions, resolve_options
+    from pipelines.tracking.client import answering
+
+    options = resolve_options(args, EvaluateOptions)
+    with answering(f"evaluating {options.model}"):
+        evaluation = run_evaluation(options.model, options.data, options.split, options.batch_size,
+                                    options.loader_workers)
+    print(evaluation.summary())
+    output = open_storage(options.output or str(default_output(options.model, options.split)))
+    output.check(create=True)  # only now: a failed evaluation leaves no empty output behind
+    print(f"wrote {', '.join(write_report(evaluation, output))}")
+    return 0
+

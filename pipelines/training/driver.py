@@ -1,0 +1,161 @@
+"""`vitae train` and `python -m pipelines.train` (the `ray job submit` entrypoint): the driver.
+
+It stays light: it validates the config, checks the dataset and the checkpoint storage, connects
+to Ray (`pipelines.training.ray_cluster`: one line, not a hang, on a dead address) and checks that the
+cluster can hold the workers, holds the run's name (one driver per run: `RunStorage.hold`), builds
+Ray Train's ScalingConfig and RunConfig, calls `TorchTrainer.fit()` and prints where the results
+went. Tune's trials call `fit` directly, each under its own name. All training happens in `pipelines.training.worker.train_worker` on the Ray workers.
+
+Resuming: Ray Train (V2) resumes a run when a run of the same `name` exists under the same
+storage path (its checkpoint manager reloads the snapshot and `ray.train.get_checkpoint()`
+returns the latest checkpoint). Re-submitting a job therefore continues it; the driver refuses a
+re-submission whose config changed anything but resources (`train_config.RESUMABLE_CHANGES`).
+
+    ray job submit -- python -m pipelines.train --config configs/digits_vitae_t.yaml --set schedule.epochs=5
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
+    from pipelines.training.run_storage import RunStorage
+    from pipelines.training.config import TrainConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a ViTAE model on a prepared dataset with Ray Train",
+        description="Train a model with Ray Train (DDP over the configured workers), checkpointing every "
+                    "epoch and logging to MLflow. Re-running the same run name resumes it.",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="training config (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config value, e.g. --set model.depth=4 (repeatable)")
+    parser.set_defaults(handler=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from pipelines.training.config import load_config
+
+    launch(load_config(args.config, args.overrides))
+    return 0
+
+
+def launch(config: TrainConfig) -> None:
+    """The user's driver of run `config.name`: checks, then fits it holding its name."""
+    from pipelines.training.ray_cluster import connect_to_ray
+    from pipelines.training.run_storage import RunStorage
+
+    check_dataset(config)
+    storage = RunStorage.open(config.checkpoint.storage_path)
+    how_it_starts = check_resumable(config, storage)
+    connect_to_ray()
+    check_resources(config)
+    with storage.hold(config.name):
+        print(how_it_starts, flush=True)
+        print(f"{config.scaling.num_workers} workers, global batch {config.global_batch_size}, "
+              f"peak lr {config.peak_lr:.2e}, {config.schedule.epochs} epochs", flush=True)
+        result = fit(config, storage)
+    report(result, storage.run_url(config.name))
+
+
+def check_dataset(config: TrainConfig) -> None:
+    """The dataset exists, has both splits and enough training samples for one step per worker."""
+    from data_prep.dataset import PreparedDataset
+    from infra.errors import UserError
+    from pipelines.training.sharding import steps_per_epoch
+
+    dataset = PreparedDataset.open(config.data.url)
+    for field, split in (("data.train_split", config.data.train_split), ("data.val_split", config.data.val_split)):
+        if dataset.num_samples(split) == 0:
+            raise UserError(f"{field}: {config.data.url} has no samples in split {split!r} "
+                            f"(it has: {', '.join(dataset.splits)})")
+    train_samples = dataset.num_samples(config.data.train_split)
+    if steps_per_epoch(train_samples, config.scaling.num_workers, config.data.batch_size) == 0:
+        raise UserError(f"data.batch_size: {train_samples} training samples do not fill one batch of "
+                        f"{config.data.batch_size} on each of {config.scaling.num_workers} workers")
+
+
+def check_resources(config: TrainConfig) -> None:
+    """The cluster can hold the run's workers (Ray would wait for them forever)."""
+    from pipelines.training.ray_cluster import cluster_capacity, require_resources
+
+    require_resources(scaling_config(config).total_resources, cluster_capacity(),
+                      f"run {config.name} ({config.scaling.num_workers} workers)",
+                      "use fewer or smaller workers (scaling.num_workers, scaling.resources_per_worker, "
+                      "scaling.use_gpu) or a larger cluster")
+
+
+def check_resumable(config: TrainConfig, storage: RunStorage) -> str:
+    """A run that exists under this name is resumed, with the same config; says how the run starts."""
+    from infra.errors import UserError
+    from pipelines.training.train_state import read_checkpoint_config
+    from pipelines.training.config import TrainConfig, config_changes
+
+    previous = storage.previous_result(config.name)
+    if previous is None or previous.checkpoint is None:
+        return f"run {config.name}: starting (checkpoints in {storage.run_url(config.name)})"
+    changes = config_changes(TrainConfig.model_validate(read_checkpoint_config(previous.checkpoint)), config)
+    if changes:
+        raise UserError(f"run {config.name} exists in {storage.url} with another config ({'; '.join(changes)}): "
+                        "resume it unchanged or choose a new name")
+    return f"run {config.name}: resuming after epoch {previous.metrics['epoch']} of {config.schedule.epochs}"
+
+
+def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = ()):
+    """Run (or resume) training run `config.name`; `callbacks` go to Ray Train's RunConfig (a sweep's
+    trial passes Tune's `TuneReportCallback`). A failure the user can fix (see `train_failures`)
+    ends the run without restarts and is raised as one `UserError` line."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from infra.errors import UserError
+    from pipelines.training.ray_logging import quiet_driver
+    from pipelines.training.failures import UserErrorsEndTheRun, user_error
+    from pipelines.training.worker import train_worker
+
+    quiet_driver()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config.model_dump(mode="json"),
+        scaling_config=scaling_config(config),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
+            callbacks=[*callbacks, UserErrorsEndTheRun()],
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep,
+                                                         checkpoint_score_attribute="val_top1",
+                                                         checkpoint_score_order="max"),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as failure:
+        cause = user_error(failure)
+        if cause is None:
+            raise
+        raise UserError(f"training run {config.name} failed: {cause}") from None
+
+
+def scaling_config(config: TrainConfig):
+    """Ray Train's ScalingConfig of the run (its `total_resources` is what the workers occupy)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+                                   resources_per_worker=config.scaling.resources_per_worker,
+                                   placement_strategy=config.scaling.placement_strategy)
+
+
+def report(result, run_url: str) -> None:
+    metrics = result.metrics or {}
+    outcome = result.return_value or {}
+    print(f"done: epoch {metrics.get('epoch')}, val_top1 {metrics.get('val_top1', float('nan')):.2%}, "
+          f"val_loss {metrics.get('val_loss', float('nan')):.4f}")
+    print(f"checkpoints: {run_url} (latest: {result.checkpoint.path if result.checkpoint else 'none'})")
+    print(f"MLflow run: {outcome.get('mlflow_run_url')}")
+    print(f"model: {outcome.get('model_uri')}")
+

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps with Ray Tune: the sweep config and the sweep driver."""
