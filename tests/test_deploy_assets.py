@@ -349,7 +349,7 @@ def variables_read_by_the_jobs() -> set[str]:
     import botocore.configprovider
     import mlflow.environment_variables
 
-    packages = ("vitae", "data_prep", "pipelines", "cluster")
+    packages = ("vitae", "infra", "data_prep", "pipelines", "cluster")
     sources = "\n".join(path.read_text() for package in packages for path in (REPO / package).rglob("*.py"))
     names = set(re.findall(r"(?:environ\.get\(|environ\[|getenv\()\s*[\"']([A-Z][A-Z0-9_]*)[\"']", sources))
     names |= {
@@ -430,7 +430,7 @@ def test_working_dir_upload_keeps_the_code_and_drops_the_bulk(tmp_path, exclusio
 
 def test_working_dir_upload_of_this_repository_is_small():
     uploaded = uploaded_files(REPO, runtime_env_file()["excludes"])
-    for needed in ("pyproject.toml", "pipelines/cli.py", "vitae/model.py", "data_prep/object_store.py",
+    for needed in ("pyproject.toml", "pipelines/cli/__init__.py", "vitae/model.py", "infra/object_store.py",
                    "cluster/runtime_env.yaml"):  # fmt: skip
         assert needed in uploaded
     assert not [name for name in uploaded if name.startswith((".git/", ".vitae/")) or name.endswith(".pt")]

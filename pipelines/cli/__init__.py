@@ -49,6 +49,3 @@ def main(argv: list[str] | None = None) -> int:
         print("vitae: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())
