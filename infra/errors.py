@@ -7,3 +7,7 @@ Every package raises it for user mistakes; anything else is a bug and keeps its 
 
 class UserError(Exception):
     """A problem the user can fix; its message is a single self-contained line."""
+
+
+USER_ERROR_EXIT = 2  # a `UserError` ended the command
+INTERRUPTED_EXIT = 130  # Ctrl-C (the shell's convention for SIGINT)

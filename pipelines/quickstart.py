@@ -20,22 +20,8 @@ import argparse
 import time
 from pathlib import Path
 
-SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_sweep.yaml"
 DIGITS_SIZE = 32
 SHARD_MAX_SAMPLES = 300  # several shards per split, so that workers stream in parallel
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "quickstart", help="run the whole pipeline on the embedded stack (digits, sweep, registry)",
-        description="Run the whole pipeline end to end on the embedded local stack: start it, prepare the "
-                    "digits data set, sweep, register the best model and promote it.",
-    )
-    parser.add_argument("--dir", default=".vitae", help="the embedded stack's directory (default .vitae)")
-    parser.add_argument("--config", default=str(SWEEP_CONFIG), help="the sweep config (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a sweep config value, e.g. --set search.num_samples=6 (repeatable)")
-    parser.set_defaults(handler=quickstart_command)
 
 
 def quickstart_command(args: argparse.Namespace) -> int:

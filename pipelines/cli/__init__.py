@@ -1,9 +1,6 @@
-"""The `vitae` command line: one entry point that dispatches to each package's subcommands.
-
-Each module in `COMMAND_MODULES` exposes `register(subparsers)`, adding its subcommands with
-`set_defaults(handler=...)`. Those modules keep heavy imports (torch, ray, mlflow) inside their
-handlers so that `vitae --help` stays fast.
-"""
+"""The `vitae` command line: parsers (`jobs`, `data`, `stack`) and dispatch. Each subcommand names
+its handler as "module:function"; the module is imported only when that subcommand runs, so that
+`vitae --help` stays fast while the jobs import what they need at their top."""
 
 from __future__ import annotations
 
@@ -11,20 +8,12 @@ import argparse
 import importlib
 import sys
 
-from infra.errors import UserError
+from infra.errors import INTERRUPTED_EXIT, USER_ERROR_EXIT, UserError
+from pipelines.cli import data, jobs, stack
 
-COMMAND_MODULES = (
-    "pipelines.cli.model_table",
-    "pipelines.training.driver",
-    "pipelines.tuning.driver",
-    "pipelines.model_registry.evaluation",
-    "pipelines.model_registry.prediction",
-    "pipelines.model_registry.promotion",
-    "pipelines.model_registry.registration",
-    "pipelines.quickstart",
-    "data_prep.cli",
-    "cluster.cli",
-)
+PARSERS = (jobs.add_models_parser, jobs.add_train_parser, jobs.add_tune_parser, jobs.add_evaluate_parser,
+           jobs.add_predict_parser, jobs.add_promote_parser, jobs.add_register_parser, jobs.add_quickstart_parser,
+           data.add_prep_parsers, stack.add_stack_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,19 +22,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train ViTAE vision transformers on Ray and ship the best model through MLflow.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    for add_parser in PARSERS:
+        add_parser(subparsers)
     return parser
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    module, _, function = args.handler.partition(":")
+    return getattr(importlib.import_module(module), function)(args) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args) or 0
+        return run_handler(args)
     except UserError as error:
         print(f"vitae: error: {error}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print("vitae: interrupted", file=sys.stderr)
-        return 130
-
+        return INTERRUPTED_EXIT

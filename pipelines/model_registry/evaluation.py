@@ -35,30 +35,6 @@ DEFAULT_LOADER_WORKERS = 2
 REPORT_FILES = ("confusion_matrix.png", "metrics.json")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "evaluate", help="score a logged model on a split of a prepared dataset",
-        description="Evaluate an MLflow model on one split of a prepared dataset with the training code's "
-                    "evaluation (one process; a GPU if there is one): prints top-1, top-5 and loss, writes "
-                    "confusion_matrix.png and metrics.json.",
-    )
-    parser.add_argument("--config", metavar="FILE",
-                        help="these options as YAML (model:, data:, batch_size: for --batch-size, ...); flags "
-                             "override it")
-    parser.add_argument("--model", metavar="URI",
-                        help="an MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID/model, ... "
-                             "(required)")
-    parser.add_argument("--data", metavar="DEST", help="the prepared dataset (s3:// URL or path; required)")
-    parser.add_argument("--split", help="the split to evaluate on (default: test)")
-    parser.add_argument("--output", metavar="DIR|s3://BUCKET/PREFIX",
-                        help="where to write the figure and metrics (default: evaluations/<model>-<split>)")
-    parser.add_argument("--batch-size", type=int, help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--loader-workers", type=int,
-                        help=f"DataLoader processes decoding images (0: in this process; default: "
-                             f"{DEFAULT_LOADER_WORKERS})")
-    parser.set_defaults(handler=evaluate_command)
-
-
 @dataclass
 class Evaluation:
     model_uri: str

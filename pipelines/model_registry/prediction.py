@@ -13,19 +13,6 @@ import argparse
 from typing import Sequence
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "predict", help="classify image files with a logged model",
-        description="Print the top-k classes of each image (any size; JPEG, PNG, WebP, BMP, ...) as the "
-                    "model's pyfunc interface answers them.",
-    )
-    parser.add_argument("--model", required=True, metavar="URI",
-                        help="an MLflow model URI, e.g. models:/NAME@champion or models:/NAME/3")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
-    parser.set_defaults(handler=predict_command)
-
-
 def predict_command(args: argparse.Namespace) -> int:
     import mlflow.pyfunc
 

@@ -38,33 +38,6 @@ EXPERIMENT_PREFIX = "promotions/"  # + the registered model's name
 METRICS = ("top1", "top5")  # higher is better, as `champions.promote` compares
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "promote", help="promote a registered model's challenger to champion if it evaluates better",
-        description="Evaluate @challenger (or --version) and @champion of a registered model on the same "
-                    "dataset split; move @champion to the challenger only if it beats the champion by more "
-                    "than --margin (the old champion becomes @previous-champion). --rollback restores "
-                    "@previous-champion instead. Logged to the MLflow experiment promotions/NAME.",
-    )
-    parser.add_argument("--config", metavar="FILE",
-                        help="these options as YAML (model:, lock_url: for --lock-url, ...); flags override it")
-    parser.add_argument("--model", metavar="NAME", help="the registered model's name (required)")
-    parser.add_argument("--version", help="the version to promote (default: the one aliased @challenger)")
-    parser.add_argument("--data", metavar="DEST",
-                        help="the prepared dataset to evaluate on (default: the challenger version's "
-                             "'dataset_url' tag, set when a sweep registers it)")
-    parser.add_argument("--split", help="the split to evaluate on (default: test)")
-    parser.add_argument("--metric", choices=METRICS, help="the score compared (default: top1)")
-    parser.add_argument("--margin", type=float,
-                        help="how much the challenger must beat the champion by (default: 0)")
-    parser.add_argument("--lock-url", metavar="s3://BUCKET[/PREFIX]",
-                        help=f"where the lease serialising promotions lives, as <lock-url>/{LOCK_PREFIX}/NAME "
-                             f"(default: s3://${LOCK_BUCKET_ENV})")
-    parser.add_argument("--rollback", action="store_true", default=None,
-                        help="make @previous-champion the champion again (no evaluation)")
-    parser.set_defaults(handler=promote_command)
-
-
 def promote_command(args: argparse.Namespace) -> int:
     from pipelines.model_registry.job_options import PromoteOptions, resolve_options
     from pipelines.tracking.client import tracking_server

@@ -14,23 +14,6 @@ import argparse
 from infra.errors import UserError
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "register", help="register a trained model as a registered model's @challenger",
-        description="Register the model that a `vitae train` run logged (--run NAME), or any MLflow model "
-                    "(--model URI), as a new version of the registered model --name, aliased @challenger: "
-                    "what `vitae promote` compares with @champion.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", metavar="NAME", help="a training run's name (the config's `name`)")
-    source.add_argument("--model", metavar="URI", help="an MLflow model URI, e.g. runs:/RUN_ID/model")
-    parser.add_argument("--name", required=True, metavar="MODEL", help="the registered model's name")
-    parser.add_argument("--data", metavar="DEST",
-                        help="the prepared dataset it was trained on, tagged for promotion (default: the "
-                             "training run's data.url)")
-    parser.set_defaults(handler=register_command)
-
-
 def register_command(args: argparse.Namespace) -> int:
     from pipelines.model_registry import champions
     from pipelines.tracking.client import answering

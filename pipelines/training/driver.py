@@ -24,18 +24,6 @@ if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
     from pipelines.training.config import TrainConfig
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train", help="train a ViTAE model on a prepared dataset with Ray Train",
-        description="Train a model with Ray Train (DDP over the configured workers), checkpointing every "
-                    "epoch and logging to MLflow. Re-running the same run name resumes it.",
-    )
-    parser.add_argument("--config", required=True, metavar="FILE", help="training config (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a config value, e.g. --set model.depth=4 (repeatable)")
-    parser.set_defaults(handler=train_command)
-
-
 def train_command(args: argparse.Namespace) -> int:
     from pipelines.training.config import load_config
 

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from infra.errors import INTERRUPTED_EXIT, UserError
+
 if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
     from pipelines.training.run_storage import RunStorage
     from pipelines.tuning.config import Sweep
@@ -57,23 +59,7 @@ if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
 METRIC, MODE = "val_top1", "max"  # what the sweep optimises and ASHA compares
 REGISTERED_TAG = "vitae.registered_version"  # on the sweep's run: "<model>/<version>", registered once
 TABLE_METRICS = ("val_top1", "val_top5", "val_loss")
-INTERRUPTED_EXIT = 130  # as `vitae` exits on KeyboardInterrupt
 TUNE_RESTORE_HINT = "Tuner.restore("  # in the warning Tune ends an interrupted experiment with
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "tune", help="hyperparameter sweep of training runs with Ray Tune (ASHA), best model registered",
-        description="Run a sweep: trials are Ray Train runs of the base training config with sampled values, "
-                    "stopped early by ASHA, tracked as MLflow runs nested under the sweep's run. The best "
-                    "trial is registered as @challenger (and promoted with registry.promote).",
-    )
-    parser.add_argument("--config", required=True, metavar="FILE", help="sweep config (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a sweep config value, e.g. --set search.num_samples=8 (repeatable)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep of this name: finished trials are kept")
-    parser.set_defaults(handler=tune_command)
 
 
 def tune_command(args: argparse.Namespace) -> int:
@@ -147,8 +133,6 @@ def warn_of_copied_credentials() -> None:
 def check_experiment(sweep: Sweep, storage: RunStorage, resume: bool) -> None:
     """A new sweep must not exist yet; a resumed one must."""
     from ray.tune import Tuner
-
-    from infra.errors import UserError
 
     exists = Tuner.can_restore(experiment_path(sweep, storage), storage_filesystem=storage.filesystem)
     if resume and not exists:

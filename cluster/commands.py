@@ -1,0 +1,54 @@
+"""The handlers of `vitae stack up|status|down` (their parser: `pipelines.cli.stack`). Only
+addresses and PIDs are printed; credentials stay in the stack's stack.env."""
+
+from __future__ import annotations
+
+import argparse
+
+def _print_services(statuses) -> None:
+    for status in statuses:
+        pid = f"pid {status.pid}" if status.pid else ""
+        print(f"  {status.name:<7} {status.state:<11} {status.address:<58} {pid}")
+
+
+def stack_up(args: argparse.Namespace) -> int:
+    from cluster.stack import Stack
+
+    stack = Stack(args.dir)
+    requested = {
+        key: getattr(args, key)
+        for key in ("num_cpus", "data_bucket", "checkpoint_bucket", "s3_port", "mlflow_port", "ray_port",
+                    "dashboard_port", "ray_auth")
+    }  # fmt: skip
+    print(f"vitae stack in {stack.directory}: starting what is not running (Ray takes ~20 s)", flush=True)
+    statuses = stack.up(requested)
+    settings = stack.load().settings
+    _print_services(statuses)
+    print(f"buckets: {settings.data_bucket}, {settings.checkpoint_bucket} (in memory: lost when S3 stops)")
+    auth = "token (RAY_AUTH_MODE=token, token in stack.env)" if settings.ray_auth else "disabled"
+    print(f"Ray authentication: {auth}; logs in {stack.logs}")
+    print(f"Use it:  source {stack.env_path}")
+    return 0
+
+
+def stack_status(args: argparse.Namespace) -> int:
+    from cluster.stack import Stack
+
+    stack = Stack(args.dir)
+    statuses = stack.status()
+    print(f"vitae stack in {stack.directory}")
+    _print_services(statuses)
+    return 0 if all(status.state == "healthy" for status in statuses) else 1
+
+
+def stack_down(args: argparse.Namespace) -> int:
+    from cluster.stack import Stack
+
+    stack = Stack(args.dir)
+    statuses = stack.down()
+    if not statuses:
+        print(f"no stack in {stack.directory}; nothing to stop")
+    for status in statuses:
+        pid = f" (pid {status.pid})" if status.pid else ""
+        print(f"{status.name}: {status.state}{pid}")
+    return 0
