@@ -1,0 +1,153 @@
+"""The parsers of the jobs: `vitae models`, `train`, `tune`, `evaluate`, `predict`, `promote`,
+`register` and `quickstart`. Each names its handler as "module:function", imported only when run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from infra.errors import UserError
+from pipelines.model_registry.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_LOADER_WORKERS
+from pipelines.model_registry.promotion import LOCK_BUCKET_ENV, LOCK_PREFIX, METRICS
+
+QUICKSTART_SWEEP = Path(__file__).resolve().parents[2] / "configs" / "digits_sweep.yaml"
+
+
+def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="list the registered models with parameters and GFLOPs")
+    parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vitaev2_*'")
+    parser.add_argument("--img-size", type=int, default=224, help="input size for the GFLOPs column")
+    parser.set_defaults(handler="pipelines.cli.jobs:list_models_command")
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a ViTAE model on a prepared dataset with Ray Train",
+        description="Train a model with Ray Train (DDP over the configured workers), checkpointing every "
+                    "epoch and logging to MLflow. Re-running the same run name resumes it.",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="training config (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config value, e.g. --set model.depth=4 (repeatable)")
+    parser.set_defaults(handler="pipelines.training.driver:train_command")
+
+
+def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tune", help="hyperparameter sweep of training runs with Ray Tune (ASHA), best model registered",
+        description="Run a sweep: trials are Ray Train runs of the base training config with sampled values, "
+                    "stopped early by ASHA, tracked as MLflow runs nested under the sweep's run. The best "
+                    "trial is registered as @challenger (and promoted with registry.promote).",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="sweep config (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a sweep config value, e.g. --set search.num_samples=8 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep of this name: finished trials are kept")
+    parser.set_defaults(handler="pipelines.tuning.driver:tune_command")
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="score a logged model on a split of a prepared dataset",
+        description="Evaluate an MLflow model on one split of a prepared dataset with the training code's "
+                    "evaluation (one process; a GPU if there is one): prints top-1, top-5 and loss, writes "
+                    "confusion_matrix.png and metrics.json.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help="these options as YAML (model:, data:, batch_size: for --batch-size, ...); flags "
+                             "override it")
+    parser.add_argument("--model", metavar="URI",
+                        help="an MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID/model, ... "
+                             "(required)")
+    parser.add_argument("--data", metavar="DEST", help="the prepared dataset (s3:// URL or path; required)")
+    parser.add_argument("--split", help="the split to evaluate on (default: test)")
+    parser.add_argument("--output", metavar="DIR|s3://BUCKET/PREFIX",
+                        help="where to write the figure and metrics (default: evaluations/<model>-<split>)")
+    parser.add_argument("--batch-size", type=int, help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--loader-workers", type=int,
+                        help=f"DataLoader processes decoding images (0: in this process; default: "
+                             f"{DEFAULT_LOADER_WORKERS})")
+    parser.set_defaults(handler="pipelines.model_registry.evaluation:evaluate_command")
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="classify image files with a logged model",
+        description="Print the top-k classes of each image (any size; JPEG, PNG, WebP, BMP, ...) as the "
+                    "model's pyfunc interface answers them.",
+    )
+    parser.add_argument("--model", required=True, metavar="URI",
+                        help="an MLflow model URI, e.g. models:/NAME@champion or models:/NAME/3")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    parser.set_defaults(handler="pipelines.model_registry.prediction:predict_command")
+
+
+def add_promote_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "promote", help="promote a registered model's challenger to champion if it evaluates better",
+        description="Evaluate @challenger (or --version) and @champion of a registered model on the same "
+                    "dataset split; move @champion to the challenger only if it beats the champion by more "
+                    "than --margin (the old champion becomes @previous-champion). --rollback restores "
+                    "@previous-champion instead. Logged to the MLflow experiment promotions/NAME.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help="these options as YAML (model:, lock_url: for --lock-url, ...); flags override it")
+    parser.add_argument("--model", metavar="NAME", help="the registered model's name (required)")
+    parser.add_argument("--version", help="the version to promote (default: the one aliased @challenger)")
+    parser.add_argument("--data", metavar="DEST",
+                        help="the prepared dataset to evaluate on (default: the challenger version's "
+                             "'dataset_url' tag, set when a sweep registers it)")
+    parser.add_argument("--split", help="the split to evaluate on (default: test)")
+    parser.add_argument("--metric", choices=METRICS, help="the score compared (default: top1)")
+    parser.add_argument("--margin", type=float,
+                        help="how much the challenger must beat the champion by (default: 0)")
+    parser.add_argument("--lock-url", metavar="s3://BUCKET[/PREFIX]",
+                        help=f"where the lease serialising promotions lives, as <lock-url>/{LOCK_PREFIX}/NAME "
+                             f"(default: s3://${LOCK_BUCKET_ENV})")
+    parser.add_argument("--rollback", action="store_true", default=None,
+                        help="make @previous-champion the champion again (no evaluation)")
+    parser.set_defaults(handler="pipelines.model_registry.promotion:promote_command")
+
+
+def add_register_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "register", help="register a trained model as a registered model's @challenger",
+        description="Register the model that a `vitae train` run logged (--run NAME), or any MLflow model "
+                    "(--model URI), as a new version of the registered model --name, aliased @challenger: "
+                    "what `vitae promote` compares with @champion.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="NAME", help="a training run's name (the config's `name`)")
+    source.add_argument("--model", metavar="URI", help="an MLflow model URI, e.g. runs:/RUN_ID/model")
+    parser.add_argument("--name", required=True, metavar="MODEL", help="the registered model's name")
+    parser.add_argument("--data", metavar="DEST",
+                        help="the prepared dataset it was trained on, tagged for promotion (default: the "
+                             "training run's data.url)")
+    parser.set_defaults(handler="pipelines.model_registry.registration:register_command")
+
+
+def add_quickstart_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quickstart", help="run the whole pipeline on the embedded stack (digits, sweep, registry)",
+        description="Run the whole pipeline end to end on the embedded local stack: start it, prepare the "
+                    "digits data set, sweep, register the best model and promote it.",
+    )
+    parser.add_argument("--dir", default=".vitae", help="the embedded stack's directory (default .vitae)")
+    parser.add_argument("--config", default=str(QUICKSTART_SWEEP), help="the sweep config (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a sweep config value, e.g. --set search.num_samples=6 (repeatable)")
+    parser.set_defaults(handler="pipelines.quickstart:quickstart_command")
+
+
+def list_models_command(args: argparse.Namespace) -> int:
+    """`vitae models`: the model library's table (`vitae.flops.model_table`)."""
+    import vitae
+    from vitae.flops import model_table
+
+    names = vitae.list_models(args.pattern)
+    if not names:
+        raise UserError(f"no model matches {args.pattern!r}; try `vitae models`")
+    print("\n".join(model_table(names, args.img_size)))
+    return 0
