@@ -1,7 +1,7 @@
 """What a checkpoint holds and its round trip through Ray Train (`report` / `get_checkpoint`).
 
-Everything checkpointed exposes `state_dict()` / `load_state_dict()`; saving collects them. A
-checkpoint directory holds:
+Everything checkpointed is a `Stateful` (torch's protocol: `state_dict()` / `load_state_dict()`);
+saving collects them. A checkpoint directory holds:
 
     train_state.pt     rank 0: model, optimizer, scheduler, EMA, progress (completed epochs,
                        optimizer steps, MLflow run id, per-epoch metric history)
@@ -20,17 +20,13 @@ import random
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
 STATE_NAME = "train_state.pt"
 CONFIG_NAME = "config.json"
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
 @dataclass
