@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.environment import generate_jpegs, s3_server
 from benchmarks.report import best_of_rounds, print_table, timed
-from infra.object_store import make_client
+from infra.s3 import make_client
 from data_prep.prep import PrepOptions, prepare
 from data_prep.locations import S3Prefix, StagedFile, sha256_file
 

@@ -1,14 +1,6 @@
-"""S3 credentials handed to processes as a file, never as environment variables.
-
-Ray Tune copies `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` from a sweep
-driver's environment into the runtime env of every trial actor (ray/tune/execution/class_cache.py),
-and Ray's runtime env agent logs each runtime env it creates: credentials kept in variables end up
-in `runtime_env_agent.log` on every node. A shared credentials file (the format of
-`~/.aws/credentials`, mode 0600) named by `AWS_SHARED_CREDENTIALS_FILE` is read by boto3 and by
-pyarrow's S3 filesystem (the AWS C++ SDK) alike, and nothing copies its contents anywhere.
-
-Credential variables override the file in both SDKs, so whoever hands out the file also removes
-them (`without_credential_variables`).
+"""S3 credentials handed to processes as a file (`AWS_SHARED_CREDENTIALS_FILE`, mode 0600), never as
+environment variables, and the removal of the variables that would take precedence over it.
+See docs/design/s3.md.
 """
 
 from __future__ import annotations

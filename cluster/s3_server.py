@@ -1,8 +1,6 @@
-"""The embedded S3 endpoint: a moto server in its own process, bound to loopback.
-
-Objects live in that process's memory: they are gone when it stops. Ray workers and other
-processes reach it over HTTP like any S3 endpoint, which an in-process mock could not offer.
-`create_buckets` provisions the buckets the stack hands out.
+"""The embedded S3 endpoint: a moto server in its own process on loopback (objects in its memory,
+gone when it stops), and `create_buckets`, which provisions the buckets the stack hands out.
+See docs/design/s3.md.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ from pathlib import Path
 
 from cluster import processes
 from cluster.net import LOOPBACK, free_port, http_ok, wait_until
+from infra.s3 import S3Config, make_client
 
 REGION = "us-east-1"  # moto ignores regions; clients still need one
 
@@ -69,18 +68,7 @@ def create_buckets(endpoint: str, buckets: list[str], access_key: str, secret_ke
 
     The caller's AWS settings play no part: an `AWS_PROFILE` of the shell (which need not exist in
     its config file) is not looked up."""
-    import boto3
-    import botocore.session
-
-    # (config file key, environment variable, default, conversion) of the `profile` setting: none
-    without_profile = botocore.session.Session(session_vars={"profile": (None, None, None, None)})
-    client = boto3.session.Session(botocore_session=without_profile).client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-    )
+    client = make_client(S3Config(endpoint_url=endpoint, region=REGION), key_pair=(access_key, secret_key))
     existing = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
     for bucket in sorted(set(buckets) - existing):
         client.create_bucket(Bucket=bucket)

@@ -1,18 +1,7 @@
-"""The one place that talks to object storage (S3 API), shared by data_prep and pipelines.
-
-It owns: the client configuration (endpoint, region, retries, timeouts — read from the environment,
-credentials left to boto3's standard chain), `s3://` URL parsing, the boto3 calls themselves
-(head/get/put/delete, managed multipart uploads) and the translation of the failures a user can
-cause (unreachable endpoint, missing credentials, missing bucket, access denied) into `UserError`.
-Messages name the endpoint and bucket, never a credential.
-
-Transient failures (throttling, 5xx, dropped connections) are botocore's to retry, in standard mode
-with `S3Config.max_attempts` attempts per request. A dropped connection while an object's body
-streams is not a request botocore can repeat: `ObjectReader` asks again for the remaining bytes.
-When the attempts run out, `EndpointError` names the endpoint.
-
-Environment: `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`), `AWS_REGION` / `AWS_DEFAULT_REGION`,
-`AWS_RETRY_MODE` (standard | adaptive), `AWS_MAX_ATTEMPTS`, and the usual credential variables.
+"""Objects in S3 through boto3: `s3://` URLs, head/get/put/delete (conditional ones included),
+managed multipart uploads, streaming reads that resume after a dropped connection, and the
+translation of failures a user can cause into one-line `UserError`s that name the endpoint and
+bucket, never a credential. Clients come from `infra.s3`. See docs/design/s3.md.
 """
 
 from __future__ import annotations
@@ -21,67 +10,13 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 from infra.errors import UserError
+from infra.s3 import S3Config, make_client
 
-RETRY_MODES = ("standard", "adaptive")
 UPLOAD_PART_SIZE = 64 * 2**20  # multipart above this size, in parts of this size (S3: >= 5 MiB)
 UPLOAD_CONCURRENCY = 8  # parallel part/file uploads per transfer
-
-
-@dataclass(frozen=True)
-class S3Config:
-    """Everything needed to build an S3 client; `from_env` is how every process gets one."""
-
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    retry_mode: str = "standard"
-    max_attempts: int = 5  # per request (the SDKs' default is 3): rides out a few seconds of throttling
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    max_pool_connections: int = 32
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> S3Config:
-        retry_mode = environ.get("AWS_RETRY_MODE", "standard")
-        if retry_mode not in RETRY_MODES:
-            raise UserError(f"AWS_RETRY_MODE={retry_mode!r}: expected one of {', '.join(RETRY_MODES)}")
-        attempts = environ.get("AWS_MAX_ATTEMPTS", str(cls.max_attempts))
-        if not attempts.isdigit() or int(attempts) < 1:
-            raise UserError(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a positive integer")
-        return cls(
-            endpoint_url=environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or None,
-            region=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or cls.region,
-            retry_mode=retry_mode,
-            max_attempts=int(attempts),
-        )
-
-    @property
-    def endpoint_name(self) -> str:
-        return self.endpoint_url or f"AWS S3 ({self.region})"
-
-
-def make_client(config: S3Config | None = None):
-    """A new boto3 S3 client (thread-safe; build one per process, not per call)."""
-    import boto3
-    import botocore.config
-
-    config = config or S3Config.from_env()
-    client_config = botocore.config.Config(
-        retries={"mode": config.retry_mode, "total_max_attempts": config.max_attempts},  # the first one included
-        connect_timeout=config.connect_timeout_s,
-        read_timeout=config.read_timeout_s,
-        max_pool_connections=config.max_pool_connections,
-        # Custom endpoints (MinIO, moto, Ceph) rarely resolve virtual-host bucket names.
-        s3={"addressing_style": "path" if config.endpoint_url else "auto"},
-    )
-    try:
-        return boto3.session.Session().client(
-            "s3", endpoint_url=config.endpoint_url, region_name=config.region, config=client_config
-        )
-    except ValueError as error:
-        raise UserError(f"invalid S3 endpoint {config.endpoint_url!r}: {error}") from None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from infra import object_store
+from infra.s3 import make_client
 from data_prep.dataset import PreparedDataset
 from pipelines.training.validation import EvalTotals, evaluate
 from pipelines.training.input_pipeline import SplitShards, eval_loader, train_loader
@@ -46,7 +46,7 @@ class TinyClassifier:
 def digits_dataset(name: str) -> str:
     """Digits at 16 px in a new bucket of the session's S3 server; returns the dataset URL."""
     bucket = f"{name}-{uuid.uuid4().hex[:8]}"
-    object_store.make_client().create_bucket(Bucket=bucket)
+    make_client().create_bucket(Bucket=bucket)
     return prepare_dataset("digits", f"s3://{bucket}/digits16", shard_max_samples=400, digits_size=16)
 
 

@@ -22,8 +22,7 @@ from cluster.net import free_port
 from cluster.s3_server import start_s3_server
 from infra import object_store
 from infra.errors import UserError
-from infra.object_store import S3Config
-from pipelines.training.run_storage import s3_filesystem
+from infra.s3 import S3Config, s3_filesystem
 from pipelines.training.failures import user_error
 from tests.train_helpers import (
     driver_lines,

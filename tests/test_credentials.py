@@ -23,8 +23,7 @@ VARIABLE_KEY = "AKIAFROMAVARIABLE"
 # one request from each client to the recording server given as argv[1].
 REQUESTS = textwrap.dedent("""
     import os, sys
-    from infra.object_store import S3Config, make_client
-    from pipelines.training.run_storage import s3_filesystem
+    from infra.s3 import S3Config, make_client, s3_filesystem
     config = S3Config(endpoint_url=sys.argv[1], max_attempts=1)
     try:
         make_client(config).head_object(Bucket="bucket", Key="boto3")

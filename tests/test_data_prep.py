@@ -25,7 +25,7 @@ from cluster.net import free_port
 from infra import object_store
 from data_prep.dataset import PreparedDataset, decode_sample
 from infra.errors import UserError
-from infra.object_store import make_client
+from infra.s3 import make_client
 from pipelines.cli import main
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 

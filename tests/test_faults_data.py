@@ -36,7 +36,8 @@ from mlflow import MlflowClient
 
 from infra import object_store
 from data_prep.dataset import BadSample, PreparedDataset
-from infra.object_store import EndpointError, S3Config
+from infra.object_store import EndpointError
+from infra.s3 import S3Config
 from data_prep.verify import verify_dataset
 from pipelines.training.augment import EvalTransform, TrainTransform
 from pipelines.cli import main as cli_main

@@ -1,18 +1,7 @@
-"""Where Ray Train keeps runs: `checkpoint.storage_path` as Ray's storage path plus the filesystem
-that reaches it, and the lookup of a previous run with the same name (which Ray Train resumes).
-
-`s3://bucket/prefix` becomes `bucket/prefix` on a pyarrow `S3FileSystem` configured from the same
-`S3Config` as data_prep's boto3 clients (endpoint, region, timeouts, retries from the environment).
-Ray sends it by pickling; pyarrow's own pickling drops the retry strategy (back to 3 attempts), so
-it is rebuilt from the `S3Config` in every process. Credentials are not put into it: each process
-that unpickles it (Ray's controller, the workers) resolves them from its own environment, as
-boto3 does, so they never travel with the run config.
-
-A run name is held by one driver at a time (`hold`): a lease beside the runs, under `.leases/`
-(no run name starts with "."). On S3 it is a `infra.lease.Lease` (renewed while held, broken
-once expired or when its holder was a dead process of the same host); in a local directory a file
-lock (flock: it ends with its holder's process) whose file names the holder. A second driver is
-refused at once, naming the holder.
+"""Where Ray Train keeps runs: `checkpoint.storage_path` as Ray's storage path and the filesystem
+that reaches it (`s3://bucket/prefix` on `infra.s3`'s pyarrow filesystem), the earlier run of the
+same name (which Ray Train resumes), and the lease that lets one driver at a time train a run name.
+See docs/design/s3.md.
 """
 
 from __future__ import annotations
@@ -26,7 +15,9 @@ from pathlib import Path
 from typing import Iterator
 
 from infra.errors import UserError
-from infra.object_store import S3Config, is_s3_url, parse_s3_url, shared_store
+from infra.lease import Lease
+from infra.object_store import is_s3_url, parse_s3_url, shared_store
+from infra.s3 import S3Config, s3_filesystem
 
 LEASES = ".leases"
 LEASE_TTL_S = 60.0  # renewed every third of it while held
@@ -67,8 +58,6 @@ class RunStorage:
             yield
 
     def _lease(self, name: str) -> contextlib.AbstractContextManager:
-        from infra.lease import Lease
-
         if self.filesystem is None:
             return file_lease(Path(self.path) / LEASES / f"{name}.lock")
         location = parse_s3_url(self.url)
@@ -88,22 +77,6 @@ class RunStorage:
             return None
         finally:
             train_logger.setLevel(level)
-
-
-def s3_filesystem(config: S3Config):
-    from pyarrow import fs
-
-    class ConfiguredS3FileSystem(fs.S3FileSystem):
-        """pyarrow's S3 filesystem that unpickles with all of `config`, retries included."""
-
-        def __reduce__(self):
-            return s3_filesystem, (config,)
-
-    return ConfiguredS3FileSystem(
-        endpoint_override=config.endpoint_url, region=config.region,
-        connect_timeout=config.connect_timeout_s, request_timeout=config.read_timeout_s,
-        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts),
-    )
 
 
 @contextlib.contextmanager
