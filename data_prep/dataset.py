@@ -1,19 +1,7 @@
-"""Reading a prepared dataset: the only way training code should see the shard format.
-
-    from data_prep.dataset import PreparedDataset, decode_sample
-    dataset = PreparedDataset.open("s3://bucket/datasets/digits")   # refuses an incomplete dataset
-    urls = dataset.shard_urls("train")            # s3:// URLs or local paths, for webdataset
-    pipeline = webdataset.WebDataset(urls, shardshuffle=False).map(decode_sample)  # (PIL RGB, label)
-
-`decode_sample` is also the readers' judge of a sample: an image that does not decode, a missing or
-out-of-range label, or a name that is absolute or climbs out with `..` raise `BadSample`, which
-names the shard and the sample. Shards are read in memory (webdataset reads each tar member's
-bytes); no reader extracts members to disk, whatever their names.
-
-Importing this module registers an `s3://` opener in webdataset's `gopen_schemes` (webdataset
-1.0.2 has none): it streams GetObject bodies through `infra.object_store`, with a client per
-process built from the environment. Every process that opens `s3://` shards must import this
-module; unpickling a pipeline that references `decode_sample` does so (e.g. in DataLoader workers).
+"""Reading a prepared dataset, the only way training code sees the shard format: `PreparedDataset`
+(shard URLs and counts of a complete dataset), `decode_sample` (the readers' judge of a sample,
+raising `BadSample`), and webdataset's `s3://` opener, registered on import. See
+docs/design/dataset-format.md.
 """
 
 from __future__ import annotations

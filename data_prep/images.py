@@ -1,8 +1,5 @@
-"""Encoded image bytes: full-decode validation, format detection, optional downscale, RGB decoding.
-
-An image is accepted only if Pillow decodes every pixel (this catches truncated and corrupt files)
-and its real format (read from the bytes, never from a file name) is one of the shard formats.
-Accepted images keep their original bytes unless `max_side` asks for a smaller, re-encoded copy.
+"""Encoded image bytes: full-decode validation, format detection from the bytes, optional downscale
+(re-encoded copy), RGB decoding.
 """
 
 from __future__ import annotations

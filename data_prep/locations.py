@@ -1,8 +1,5 @@
-"""Where a dataset lives: a local directory or an `s3://bucket/prefix`, behind one small interface.
-
-`open_storage(url)` returns a `LocalDir` or an `S3Prefix`; data_prep writes, reads and verifies
-datasets only through them. Object names are flat (`train-000000.tar`, `manifest.parquet`). Both
-record each shard's sha256 so that publishing skips shards already present with the same content.
+"""Where a dataset lives: `open_storage(url)` gives a `LocalDir` or an `S3Prefix`, the one interface
+through which data_prep writes, reads and verifies datasets (flat object names, sha256 per shard).
 """
 
 from __future__ import annotations

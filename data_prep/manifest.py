@@ -1,15 +1,5 @@
-"""The dataset format: shard and sample naming, and the manifest that makes a dataset complete.
-
-A dataset is a set of WebDataset tar shards `{split}-{index:06d}.tar`, each sample holding
-`<key>.<jpg|png|webp|bmp>` (the encoded image), `<key>.cls` (the class index as ASCII digits) and
-`<key>.json` (`{"source": <source id>}`), plus, written last:
-
-- `manifest.parquet`: one row per shard (split, name, samples, bytes, sha256);
-- `dataset.json`: format version, class names in index order, per-split and per-class counts,
-  source, options, rejected-input count.
-
-`rejects.jsonl` lists inputs skipped as unreadable. Readers refuse a dataset without both manifest
-files (an interrupted `vitae prep` leaves none).
+"""The dataset format: shard and sample naming, and the manifest (`manifest.parquet`, `dataset.json`)
+that makes a dataset complete. See docs/design/dataset-format.md.
 """
 
 from __future__ import annotations
@@ -26,10 +16,6 @@ MANIFEST_NAME = "manifest.parquet"
 DATASET_NAME = "dataset.json"
 REJECTS_NAME = "rejects.jsonl"
 SHARD_PATTERN = "{split}-%06d.tar"  # filled by webdataset's ShardWriter with the shard index
-
-
-def shard_name(split: str, index: int) -> str:
-    return SHARD_PATTERN.format(split=split) % index
 
 
 def sample_key(split: str, position: int) -> str:

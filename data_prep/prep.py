@@ -1,11 +1,5 @@
-"""`vitae prep`: one source -> shards staged locally -> published with a manifest, idempotently.
-
-Steps: check the options (bounded sizes, a destination outside the source), list the source, check
-the destination (fail fast on a bad bucket or credentials), assign
-splits, decode-check and shard each split in a seeded order (images read and checked on a thread
-pool, written in order), then publish: remove the old manifest, upload only shards whose sha256
-differs from what is stored, and write the rejects report, `manifest.parquet` and `dataset.json`
-last. An interrupted run leaves no manifest; re-running the same command completes it.
+"""`vitae prep`: one source -> shards staged locally -> published with a manifest, idempotently
+(an interrupted run leaves no manifest; re-running completes it). See docs/design/dataset-format.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Writing one split's samples into reproducible WebDataset shards with webdataset's ShardWriter.
-
-Reproducible means byte-identical for identical input: fixed tar mtime, owner and mode, USTAR
-format, no encoder (we hand over bytes), sorted JSON. Each finished shard is hashed as it closes.
+"""Writing one split's samples into byte-reproducible WebDataset shards with webdataset's ShardWriter,
+hashing each shard as it closes. See docs/design/dataset-format.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
-"""Image sources: what `vitae prep SOURCE` can read, listed as labelled, lazily-read images.
-
-- an image-folder tree `root/<class>/<image>`, or pre-split `root/{train,val,test}/<class>/<image>`;
-- Parquet file(s), or a directory of them, with an image column (Hugging Face struct
-  `{bytes, path}` or plain binary) and a label column (ints or class-name strings); files named
-  or placed under `train` / `val` / `validation` / `test` carry their split;
-- `digits`: scikit-learn's bundled 8x8 handwritten digits, rendered as RGB PNGs.
-
-Listing never decodes images; files that cannot even be listed as images become `Reject`s.
+"""Image sources, what `vitae prep SOURCE` reads: an image-folder tree, Parquet file(s), or `digits`,
+listed as labelled, lazily-read images; what cannot even be listed becomes a `Reject`.
 """
 
 from __future__ import annotations

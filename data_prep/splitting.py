@@ -1,8 +1,5 @@
-"""Train/val/test assignment and the seeded sample order within each split.
-
-Sources without their own splits are split with scikit-learn's `train_test_split`, stratified by
-label (falling back to an unstratified split, and saying so, when a class is too small to stratify).
-The same labels, fractions and seed always give the same assignment and order.
+"""Train/val/test assignment (scikit-learn's `train_test_split`, stratified by label when every
+class allows it) and the seeded sample order within each split: same input, same result.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""`vitae verify`: check a dataset against its manifest, reading every shard once.
-
-For each shard in the manifest: it exists with the recorded size and sha256, its samples group
-the way webdataset groups them, the sample count matches, and every sample passes the readers' own
-`decode_sample` (an image that decodes, a label in range, a safe member name). Per-split totals
-must match dataset.json. Each shard is streamed and hashed in the same pass, so memory stays small.
-An S3 endpoint that stays unavailable ends verification with its error (it is not a shard problem).
+"""`vitae verify`: check every shard of a dataset against its manifest (size, sha256, sample grouping
+and count, `decode_sample`) and the per-split totals against dataset.json, streaming each shard once.
 """
 
 from __future__ import annotations
