@@ -1,28 +1,18 @@
-"""The model as it leaves training: a self-describing classifier logged to MLflow.
-
-`PackagedClassifier` takes uint8 RGB images (B, 3, H, W) at the training resolution, normalises
-them exactly as training did (`augment.normalize`) and returns class logits. `log_classifier` logs
-it with the project's flavour (`pipelines.serving`): `mlflow.pytorch.load_model` gives this module
-back, `mlflow.pyfunc.load_model` a classifier of raw images of any size that answers class names.
-The model's metadata, `ClassifierInfo`, records what a consumer needs: class names in index order,
-image size, mean/std, the evaluation resize (crop_pct, interpolation) and the architecture.
-The registry and promotion work builds on `ClassifierInfo` and `log_classifier`.
-"""
+"""The model as it leaves training, owned here: `PackagedClassifier` (uint8 RGB images at the training
+resolution in, normalised as training did, class logits out) and its metadata `ClassifierInfo` (class
+names, image size, mean/std, evaluation resize, architecture): what a consumer of the model needs.
+Its module path is recorded in every logged model (pickled class paths): it must keep it."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, fields
-from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from torch import nn
 
 from infra.errors import UserError
 from pipelines.training.augment import normalize
-
-MODEL_NAME = "model"  # the logged model's name within its run
-DISTRIBUTION = "vitae-pipeline"  # the model's classes and its pyfunc loader come from this package
 
 
 @dataclass(frozen=True)
@@ -65,29 +55,3 @@ class PackagedClassifier(nn.Module):
 def package(model: nn.Module, info: ClassifierInfo) -> PackagedClassifier:
     """A float32 CPU copy in eval mode, with the normalisation inside."""
     return PackagedClassifier(copy.deepcopy(model).float().cpu().eval(), info.mean, info.std).eval()
-
-
-def log_classifier(model: nn.Module, info: ClassifierInfo, run_id: str) -> str:
-    """Log `model` to the MLflow run `run_id` (which must exist); return the logged model's URI."""
-    from mlflow.models import Model
-
-    from pipelines import serving
-
-    logged = Model.log(
-        artifact_path=None,  # deprecated for `name`, but still a required positional parameter
-        name=MODEL_NAME, flavor=serving, run_id=run_id, metadata=info.metadata(),
-        pytorch_model=package(model, info), signature=serving.signature(),
-        input_example=serving.input_example(info.img_size), pip_requirements=requirements(),
-    )
-    return logged.model_uri
-
-
-def requirements() -> list[str]:
-    """The logged model's pip requirements: this torch, and this package where it is installed as a
-    distribution (a Ray job may run it from its working_dir only: then the pin is left out)."""
-    pins = [f"torch=={torch.__version__.split('+')[0]}"]
-    try:
-        pins.append(f"{DISTRIBUTION}=={version(DISTRIBUTION)}")
-    except PackageNotFoundError:
-        pass
-    return pins

@@ -1,29 +1,7 @@
-"""The logged model's MLflow flavour: raw images in, class names out.
-
-MLflow's custom-flavour mechanism: `mlflow.models.Model.log(flavor=pipelines.serving, ...)` calls
-`save_model` below, which saves the `PackagedClassifier` with `mlflow.pytorch.save_model` (the
-`pytorch` flavour: `mlflow.pytorch.load_model` returns that nn.Module, uint8 (B, 3, S, S) in,
-logits out) and then points the `python_function` flavour at this module, so that
-`mlflow.pyfunc.load_model` returns an `ImageClassifierPyfunc` built by `_load_pyfunc`. Both read
-the preprocessing from the model's metadata (`ClassifierInfo`: class names, image size, mean/std,
-evaluation resize), so nothing but this package has to be installed where the model loads.
-
-The pyfunc takes raw images of any size: encoded bytes, file paths, PIL images or uint8 arrays
-(H, W[, C]), as a DataFrame (its column `image`, else its first column), a Series, a list (bytes,
-paths or PIL images; MLflow turns a list into a DataFrame, which it cannot do with arrays) or one
-image. Each is decoded to RGB, resized and centre-cropped by training's `EvalTransform`, and the
-result has one row per image: `label` (the top class's name) and the top-k `class_indices`,
-`class_names` and `probabilities` (`params={"top_k": k}`, default 5). Its signature is one
-unnamed binary column (unnamed, so that a plain list passes MLflow's schema check; binary, so that
-a REST client sends base64) plus the `top_k` parameter; the input example is two encoded images.
-
-Serialization is pickle, not pt2. `mlflow.pytorch.save_model` accepts pt2 only with a tensor
-signature, while a model has one signature and this one must describe the raw-image interface;
-pt2 also loads as a torch.fx graph rather than the `PackagedClassifier`. Pickle needs the model's
-classes importable at load time, which costs nothing here: the pyfunc loader is this package
-anyway. It runs code on load, like any pickle: load models from registries you trust (MLflow
-gates it with MLFLOW_ALLOW_PICKLE_DESERIALIZATION, on by default in 3.17).
-"""
+"""The logged model's MLflow flavour, owned here: `save_model` saves the `PackagedClassifier` with the
+`pytorch` flavour (pickle) and points `python_function` at this module, whose `_load_pyfunc` gives an
+`ImageClassifierPyfunc`: raw images of any size in, top-k class names out. Its module path is recorded
+in every logged model (loader_module): it must keep it. Design notes: docs/design/serving.md."""
 
 from __future__ import annotations
 
@@ -32,9 +10,14 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import mlflow.pyfunc
+import mlflow.pytorch
 import numpy
 import pandas
 import torch
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from PIL import Image
 from torch import nn
 
@@ -116,9 +99,6 @@ def top_k_frame(probabilities: torch.Tensor, class_names: Sequence[str], top_k: 
 
 
 def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
-
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.binary)]),
         outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(Array(DataType.long), "class_indices"),
@@ -146,11 +126,6 @@ def save_model(pytorch_model: nn.Module, path: str, mlflow_model=None, **pytorch
 
     `pytorch_options` go to `mlflow.pytorch.save_model` (signature, input_example, pip_requirements...).
     """
-    import mlflow.pyfunc
-    import mlflow.pytorch
-    from mlflow.models import Model
-    from mlflow.models.model import MLMODEL_FILE_NAME
-
     mlflow_model = mlflow_model or Model()
     mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, serialization_format="pickle",
                               **pytorch_options)
@@ -163,9 +138,6 @@ def save_model(pytorch_model: nn.Module, path: str, mlflow_model=None, **pytorch
 
 def load_classifier(path: str, device: torch.device = torch.device("cpu")) -> tuple[nn.Module, ClassifierInfo]:
     """The `PackagedClassifier` and its `ClassifierInfo` from a model directory (local path)."""
-    import mlflow.pytorch
-    from mlflow.models import Model
-
     info = ClassifierInfo.from_metadata(Model.load(path).metadata)
     return mlflow.pytorch.load_model(path, map_location=device), info
 

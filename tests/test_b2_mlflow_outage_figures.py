@@ -1,6 +1,6 @@
 """The training figures after an MLflow outage, on a real `mlflow server` of the test's own.
 
-Rank 0's `RunTracker` logs epoch 1 with MLflow up; the server is stopped over the last epoch, so
+Rank 0's `TrainingRun` logs epoch 1 with MLflow up; the server is stopped over the last epoch, so
 its metrics are held back; it is started again on the same port and the run finishes. The figures
 in MLflow must then be those of the full history: the learning curves of both epochs and the last
 epoch's confusion matrix (compared byte for byte with the same figures drawn here). A run that
@@ -18,7 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipelines.tracking import plots
-from pipelines.tracking.runs import CONFUSION_MATRIX, LEARNING_CURVES, RunTracker
+from pipelines.tracking.training_run import CONFUSION_MATRIX, LEARNING_CURVES, TrainingRun
 from tests.train_helpers import OwnMlflowServer
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,17 +49,16 @@ def logged(client: MlflowClient, run_id: str, name: str, directory: Path) -> byt
 @pytest.fixture
 def tracking_server(tmp_path):
     server = OwnMlflowServer(tmp_path)
-    session_uri = mlflow.get_tracking_uri()  # attaching a tracker sets this process's tracking URI
     try:
         yield server
     finally:
         server.stop()
-        mlflow.set_tracking_uri(session_uri)
 
 
 def test_figures_are_redrawn_from_the_full_history_once_held_back_metrics_are_delivered(tracking_server, tmp_path):
-    tracker = RunTracker.attach("figures-outage", "vitae-b2-figures", tracking_server.server.uri, None,
-                                {"probe": 1}, "probe: 1\n")
+    tracker = TrainingRun.attach("figures-outage", "vitae-b2-figures", tracking_server.server.uri, None,
+                                 {"probe": 1}, "probe: 1\n")
+    assert mlflow.get_tracking_uri() != tracking_server.server.uri, "attaching changed this process's tracking URI"
     history = [epoch_metrics(1)]
     tracker.log_epoch(1, history[-1], history, confusion(1), CLASSES)
     tracking_server.stop()
@@ -79,8 +78,8 @@ def test_figures_are_redrawn_from_the_full_history_once_held_back_metrics_are_de
         plots.confusion_matrix(confusion(2), CLASSES)), "the confusion matrix is not the last epoch's"
 
     history.append(epoch_metrics(3))  # trained by workers that stopped before MLflow had it
-    again = RunTracker.attach("figures-outage", "vitae-b2-figures", tracking_server.server.uri, tracker.run_id,
-                              {"probe": 1}, "probe: 1\n", history=history)
+    again = TrainingRun.attach("figures-outage", "vitae-b2-figures", tracking_server.server.uri, tracker.run_id,
+                               {"probe": 1}, "probe: 1\n", history=history)
     assert again.run_id == tracker.run_id and not again.held_back
     assert logged(client, tracker.run_id, LEARNING_CURVES, tmp_path / "attached") == png(
         plots.learning_curves(history))

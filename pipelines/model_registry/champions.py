@@ -1,17 +1,6 @@
-"""The model registry: a sweep's best model registered as `@challenger`, promoted to `@champion`
-only when it evaluates better, with `@previous-champion` kept for rollback.
-
-Promotions of one registered model are serialised by a lease on an object-storage key (see
-`infra.lease`): between reading the champion and moving the alias no other promotion can
-interleave, so a slower promotion never replaces a better champion that a faster one just set.
-Challenger and champion are scored by the same `evaluate(model_uri) -> metrics` function.
-
-Only MLflow's real "not found" reads as an absent alias: any other failure to read one (a server
-that answers 5xx or not at all) aborts the promotion or rollback in one line, before anything moved.
-A rollback is one step back, not a toggle: it records on the registered model the version it
-replaced (`ROLLED_BACK_FROM_TAG`), and a second rollback, whose @previous-champion would be that
-version, is refused (a promotion clears the record).
-"""
+"""Registry aliases, owned here: a model registered as `@challenger`, promoted to `@champion` only
+when it evaluates better (the old one kept as `@previous-champion`), rolled back one step at most,
+every alias move under the promotion lease. The rules and why: docs/design/tracking.md."""
 
 from __future__ import annotations
 
@@ -19,7 +8,12 @@ import contextlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from infra.errors import UserError
+from pipelines.tracking.client import TrackingServer, failure, not_found
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -48,41 +42,34 @@ class Promotion:
         return asdict(self)
 
 
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
-
-
 def version_uri(model_name: str, version: str) -> str:
     return f"models:/{model_name}/{version}"
 
 
-def alias_version(model_name: str, alias: str, client=None) -> str | None:
-    """The version number behind `name@alias`, or None when MLflow answers that the alias (or the
-    model) does not exist; `UserError` for any other failure."""
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.tracking.client import failure, not_found
-
+def alias_version(model_name: str, alias: str, client: MlflowClient | None = None) -> str | None:
+    """The version number behind `name@alias` (at `client`'s server, default the environment's), or
+    None when MLflow answers that the alias (or the model) does not exist; `UserError` for any other
+    failure."""
     try:
-        return (client or _client()).get_model_version_by_alias(model_name, alias).version
+        return (client or TrackingServer.at().client()).get_model_version_by_alias(model_name, alias).version
     except MlflowException as error:
         if not_found(error):
             return None
         raise failure(error, f"reading {model_name}@{alias}") from None
 
 
-def register_challenger(model_uri: str, model_name: str, tags: Mapping[str, object]) -> str:
-    """Register `model_uri` as a new version of `model_name`, tagged, and alias it `challenger`."""
-    import mlflow
-
-    version = mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()}).version
-    _client().set_registered_model_alias(model_name, CHALLENGER, version)
+def register_challenger(model_uri: str, model_name: str, tags: Mapping[str, object],
+                        server: TrackingServer | None = None) -> str:
+    """Register `model_uri` as a new version of `model_name` at `server` (default: the environment's),
+    tagged, and alias it `challenger`."""
+    server = server or TrackingServer.at()
+    with server.as_default():  # `mlflow.register_model` takes no tracking URI
+        version = mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()}).version
+    server.client().set_registered_model_alias(model_name, CHALLENGER, version)
     return version
 
 
-def challenger_version(model_name: str, version: str | None = None, client=None) -> str:
+def challenger_version(model_name: str, version: str | None = None, client: MlflowClient | None = None) -> str:
     """`version` if given, else the version behind `@challenger`; `UserError` when there is none."""
     challenger = version or alias_version(model_name, CHALLENGER, client)
     if challenger is None:
@@ -92,10 +79,11 @@ def challenger_version(model_name: str, version: str | None = None, client=None)
 
 
 def promote(model_name: str, evaluate: Evaluate, *, version: str | None = None, metric: str = "top1",
-            margin: float = 0.0, lease: contextlib.AbstractContextManager | None = None) -> Promotion:
+            margin: float = 0.0, lease: contextlib.AbstractContextManager | None = None,
+            client: MlflowClient | None = None) -> Promotion:
     """Score the challenger (or `version`) and the champion; move `champion` only if the challenger
     beats it by more than `margin`. The old champion becomes `previous-champion`."""
-    client = _client()
+    client = client or TrackingServer.at().client()
     with lease or contextlib.nullcontext() as held:
         challenger = challenger_version(model_name, version, client)
         champion = alias_version(model_name, CHAMPION, client)
@@ -116,10 +104,11 @@ def promote(model_name: str, evaluate: Evaluate, *, version: str | None = None, 
                          promoted, reason)
 
 
-def rollback(model_name: str, lease: contextlib.AbstractContextManager | None = None) -> tuple[str, str | None]:
+def rollback(model_name: str, lease: contextlib.AbstractContextManager | None = None,
+             client: MlflowClient | None = None) -> tuple[str, str | None]:
     """Make `previous-champion` the champion again (the two aliases swap); returns (new, old).
     Refused when `previous-champion` is the version the last rollback replaced."""
-    client = _client()
+    client = client or TrackingServer.at().client()
     with lease or contextlib.nullcontext() as held:
         previous = alias_version(model_name, PREVIOUS_CHAMPION, client)
         if previous is None:

@@ -1,37 +1,36 @@
-"""`vitae evaluate` and `python -m pipelines.evaluate` (a `ray job submit` entrypoint): a logged
-model scored on one split of a prepared dataset, in one process, by the code that validates during
-training (`EvalTransform`, `evaluation.evaluate`, `EvalTotals`), so the numbers are training's.
-
-`evaluate_model` is what promotion scores challenger and champion with. The command prints top-1,
-top-5 and loss and writes `confusion_matrix.png` and `metrics.json` to the output: a directory, or
-an `s3://` prefix (a job's own directory on the cluster does not outlive it).
-
-    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m pipelines.evaluate \\
-        --model models:/digits@champion --data s3://vitae-data/digits --output s3://vitae-checkpoints/eval
-"""
+"""`vitae evaluate` (`python -m pipelines.evaluate`), owned here: a logged model scored on one split of
+a prepared dataset, in one process, by training's own validation code (so the numbers are training's);
+`evaluate_model` is what promotion scores with. The report (`confusion_matrix.png`, `metrics.json`)
+goes to a directory or an `s3://` prefix."""
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
+import mlflow
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data_prep.dataset import PreparedDataset
+from data_prep.locations import Storage, open_storage
 from infra.errors import UserError
+from pipelines.model_packaging import ClassifierInfo
+from pipelines.model_registry.options import DEFAULT_BATCH_SIZE, DEFAULT_LOADER_WORKERS, EvaluateOptions, resolve_options
+from pipelines.serving import load_classifier
+from pipelines.tracking import plots
+from pipelines.tracking.client import TrackingServer, answering, loading
+from pipelines.training.augment import EvalTransform
+from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader
+from pipelines.training.validation import EvalTotals, evaluate
 
-if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
-    import torch
-
-    from torch import nn
-
-    from data_prep.dataset import PreparedDataset
-    from data_prep.locations import Storage
-    from pipelines.training.validation import EvalTotals
-    from pipelines.model_packaging import ClassifierInfo
-
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_LOADER_WORKERS = 2
 REPORT_FILES = ("confusion_matrix.png", "metrics.json")
 
 
@@ -53,23 +52,18 @@ class Evaluation:
                 f"top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}  loss {metrics['loss']:.4f}")
 
 
-def evaluate_model(model_uri: str, data_url: str, split: str = "test") -> dict[str, float]:
-    """`top1`, `top5`, `loss` and `samples` of `model_uri` on `split` of the dataset at `data_url`."""
-    return run_evaluation(model_uri, data_url, split).metrics
+def evaluate_model(model_uri: str, data_url: str, split: str = "test",
+                   server: TrackingServer | None = None) -> dict[str, float]:
+    """`top1`, `top5`, `loss` and `samples` of `model_uri` (of `server`, default the environment's) on
+    `split` of the dataset at `data_url`."""
+    return run_evaluation(model_uri, data_url, split, server=server).metrics
 
 
 def run_evaluation(model_uri: str, data_url: str, split: str, batch_size: int = DEFAULT_BATCH_SIZE,
-                   loader_workers: int = DEFAULT_LOADER_WORKERS) -> Evaluation:
-    import torch
-    from tqdm import tqdm
-
-    from pipelines.training.augment import EvalTransform
-    from pipelines.training.validation import evaluate
-    from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader
-
+                   loader_workers: int = DEFAULT_LOADER_WORKERS, server: TrackingServer | None = None) -> Evaluation:
     dataset = open_split(data_url, split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_model(model_uri, device)
+    model, info = load_model(model_uri, device, server)
     check_classes(model_uri, info.class_names, data_url, dataset.class_names)
     shards = SplitShards.of(dataset, split)
     transform = EvalTransform(info.img_size, info.crop_pct, info.interpolation)
@@ -82,8 +76,6 @@ def run_evaluation(model_uri: str, data_url: str, split: str, batch_size: int = 
 
 
 def open_split(data_url: str, split: str) -> PreparedDataset:
-    from data_prep.dataset import PreparedDataset
-
     dataset = PreparedDataset.open(data_url)
     if dataset.num_samples(split) == 0:
         raise UserError(f"{data_url} has no samples in split {split!r} (it has: {describe(dataset.splits)})")
@@ -97,17 +89,14 @@ def check_classes(model_uri: str, model_classes: list[str], data_url: str, data_
                         "the classes it was trained on")
 
 
-def load_model(model_uri: str, device: torch.device) -> tuple[nn.Module, ClassifierInfo]:
+def load_model(model_uri: str, device: torch.device,
+               server: TrackingServer | None = None) -> tuple[nn.Module, ClassifierInfo]:
     """The logged `PackagedClassifier` (uint8 in, logits out) on `device`, with its metadata."""
-    import tempfile
-
-    import mlflow
-
-    from pipelines.tracking.client import loading
-    from pipelines.serving import load_classifier
-
-    with loading(model_uri), tempfile.TemporaryDirectory(prefix="vitae-model-") as directory:
-        return load_classifier(mlflow.artifacts.download_artifacts(model_uri, dst_path=directory), device)
+    server = server or TrackingServer.at()
+    with loading(model_uri, server), tempfile.TemporaryDirectory(prefix="vitae-model-") as directory:
+        path = mlflow.artifacts.download_artifacts(model_uri, dst_path=directory, tracking_uri=server.uri,
+                                                   registry_uri=server.uri)
+        return load_classifier(path, device)
 
 
 def describe(names: Sequence[str], shown: int = 5) -> str:
@@ -116,11 +105,6 @@ def describe(names: Sequence[str], shown: int = 5) -> str:
 
 def write_report(evaluation: Evaluation, output: Storage) -> list[str]:
     """`REPORT_FILES` (the confusion matrix figure, the metrics) to `output`; returns where they went."""
-    import io
-    import json
-
-    from pipelines.tracking import plots
-
     figure = io.BytesIO()
     plots.confusion_matrix(evaluation.totals.confusion, evaluation.info.class_names, evaluation.split).savefig(
         figure, format="png")
@@ -140,10 +124,6 @@ def default_output(model_uri: str, split: str) -> Path:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from data_prep.locations import open_storage
-    from pipelines.model_registry.job_options import EvaluateOptions, resolve_options
-    from pipelines.tracking.client import answering
-
     options = resolve_options(args, EvaluateOptions)
     with answering(f"evaluating {options.model}"):
         evaluation = run_evaluation(options.model, options.data, options.split, options.batch_size,

@@ -1,12 +1,7 @@
-"""Typed options of the job entrypoints whose settings are flags, `pipelines.promote` and
-`pipelines.evaluate`, so that they run as `python -m pipelines.<job> --config FILE` like
-`pipelines.train` and `pipelines.tune` (the form every `ray job submit` uses).
-
-`--config FILE` is YAML holding the flags' values under their names (`lock_url` for `--lock-url`);
-a flag given on the command line overrides the file. As with the training config, an unknown key
-or a bad value is one `UserError` line naming it. The commands' parsers leave every flag at None
-when it is not given, so that a flag never hides a value of the file; the defaults live here.
-"""
+"""Options of the registry jobs whose settings are flags (`promote`, `evaluate`), owned here: their
+defaults and shared constants, typed and validated, read from `--config FILE` (YAML under the flags'
+names) with the flags given overriding it. Light to import (no torch, ray or mlflow): the CLI's help
+texts read the defaults here."""
 
 from __future__ import annotations
 
@@ -16,12 +11,15 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
+from infra.config_files import first_problem, read_yaml
 from infra.errors import UserError
-from pipelines.model_registry.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_LOADER_WORKERS
-from pipelines.model_registry.promotion import METRICS
-from pipelines.training.config import first_problem, read_yaml
 
 DEFAULT_SPLIT = "test"
+DEFAULT_BATCH_SIZE = 64  # evaluation: images per forward pass
+DEFAULT_LOADER_WORKERS = 2  # evaluation: DataLoader processes
+METRICS = ("top1", "top5")  # what promotion may compare; higher is better
+LOCK_BUCKET_ENV = "VITAE_CHECKPOINT_BUCKET"  # the promotion lease's bucket when --lock-url is not given
+LOCK_PREFIX = "locks/registry"  # the lease of registered model NAME: <lock-url>/locks/registry/NAME
 
 
 class _Options(BaseModel):

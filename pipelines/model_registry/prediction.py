@@ -1,24 +1,21 @@
-"""`vitae predict`: the top-k classes of image files, with names and probabilities, through the
-model's pyfunc interface (what `mlflow.pyfunc.load_model` and a serving endpoint run).
-
-The files are read and decoded before the model is loaded. Those that cannot be read or are not
-images are left out: the others are scored and printed, then one line on stderr names the ones left
-out (exit 2); when none is left, the command ends at once, before loading the model. MLflow requests
-use quick retries (`mlflow_access.answering`): a tracking server that is down is one line naming it.
-"""
+"""`vitae predict`, owned here: the top-k classes of image files through the model's pyfunc interface
+(what `mlflow.pyfunc.load_model` and a serving endpoint run). Files that cannot be read or decoded are
+left out before the model loads, and named in one line at the end (exit 2)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Sequence
 
+import mlflow.pyfunc
+
+from data_prep.images import RejectedImage
+from infra.errors import UserError
+from pipelines.serving import decode
+from pipelines.tracking.client import answering, loading
+
 
 def predict_command(args: argparse.Namespace) -> int:
-    import mlflow.pyfunc
-
-    from infra.errors import UserError
-    from pipelines.tracking.client import answering, loading
-
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     readable, problems = read_images(args.images)
@@ -35,8 +32,6 @@ def predict_command(args: argparse.Namespace) -> int:
 
 def read_images(paths: list[str]) -> tuple[list[tuple[str, object]], list[str]]:
     """(path, decoded image) of each file that could be read and decoded, and a line for each other."""
-    from infra.errors import UserError
-
     readable, problems = [], []
     for path in paths:
         try:
@@ -56,10 +51,6 @@ def print_predictions(paths: Sequence[str], predictions) -> None:
 
 def read_image(path: str):
     """The decoded image at `path`; `UserError` if it cannot be read or is not an image."""
-    from infra.errors import UserError
-    from data_prep.images import RejectedImage
-    from pipelines.serving import decode
-
     try:
         with open(path, "rb") as file:
             data = file.read()

@@ -1,27 +1,26 @@
-"""`vitae register` and `python -m pipelines.registration`: a model logged by `vitae train` (found
-by its training run's name: the run's `vitae.run_name` and `vitae.model_uri` tags) or any MLflow
-model URI, registered as a new version of a registered model and aliased `@challenger`, ready for
-`vitae promote`. The version is tagged with the dataset it was trained on (`dataset_url`: the run's
-`data.url`, or `--data`), which promotion evaluates on.
-
-    vitae register --run digits-vitae-t --name digits && vitae promote --model digits
-"""
+"""`vitae register` (`python -m pipelines.registration`), owned here: the model a `vitae train` run
+logged (found by the run's name) or any MLflow model URI, registered as a new version aliased
+`@challenger`, tagged with the dataset it was trained on (`dataset_url`), which promotion evaluates on."""
 
 from __future__ import annotations
 
 import argparse
 
+import mlflow.models
+from mlflow.exceptions import MlflowException
+
 from infra.errors import UserError
+from pipelines.model_registry import champions
+from pipelines.model_registry.champions import DATASET_URL_TAG
+from pipelines.tracking.client import TrackingServer, answering, failure, loading
+from pipelines.tracking.runs import MODEL_URI_TAG, RUN_NAME_TAG
 
 
 def register_command(args: argparse.Namespace) -> int:
-    from pipelines.model_registry import champions
-    from pipelines.tracking.client import answering
-
     with answering(f"registering {args.run or args.model} as {args.name}"):
         model_uri, tags = run_model(args.run) if args.run else (args.model, {"source_model_uri": args.model})
         if args.data:
-            tags[champions.DATASET_URL_TAG] = args.data
+            tags[DATASET_URL_TAG] = args.data
         version = register_model(model_uri, args.name, tags)
     print(f"registered {champions.version_uri(args.name, version)} (@{champions.CHALLENGER}) from {model_uri}")
     return 0
@@ -30,12 +29,7 @@ def register_command(args: argparse.Namespace) -> int:
 def run_model(run_name: str) -> tuple[str, dict[str, str]]:
     """The model URI that training run `run_name` logged (its latest MLflow run that has one) and the
     tags its registered version gets."""
-    from mlflow import MlflowClient
-
-    from pipelines.model_registry.champions import DATASET_URL_TAG
-    from pipelines.tracking.runs import MODEL_URI_TAG, RUN_NAME_TAG
-
-    client = MlflowClient()
+    client = TrackingServer.at().client()
     experiments = [experiment.experiment_id for experiment in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                               order_by=["attributes.start_time DESC"]) if experiments else []
@@ -54,12 +48,6 @@ def run_model(run_name: str) -> tuple[str, dict[str, str]]:
 def register_model(model_uri: str, model_name: str, tags: dict[str, str]) -> str:
     """`champions.register_challenger` once `model_uri` is known to hold a model; MLflow's refusals (no
     such model, a bad name) as one line."""
-    import mlflow.models
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.model_registry import champions
-    from pipelines.tracking.client import failure, loading
-
     with loading(model_uri):
         mlflow.models.get_model_info(model_uri)
     try:

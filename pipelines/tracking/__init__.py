@@ -1,1 +1,1 @@
-"""MLflow, owned here: the client and its request policy, the runs, the figures."""
+"""MLflow, owned here: the one client and its request policy, training and sweep runs, model logging, figures."""

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_prep.dataset import OnBadSample
+from infra.config_files import FieldError, first_problem, read_yaml
 from infra.errors import UserError
 
 LR_REFERENCE_BATCH = 512
@@ -198,12 +199,8 @@ class TrainConfig(_Section):
         return self.optim.lr * self.global_batch_size / LR_REFERENCE_BATCH
 
 
-class _FieldError(ValueError):
-    """A cross-section check that names its field itself."""
-
-
-def _field_error(field: str, message: str) -> _FieldError:
-    return _FieldError(f"{field}: {message}")
+def _field_error(field: str, message: str) -> FieldError:
+    return FieldError(f"{field}: {message}")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -248,20 +245,6 @@ def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def read_yaml(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise UserError(f"cannot read config {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise UserError(f"config {path} is not valid YAML{where}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"config {path}: expected a mapping of sections at the top level")
-    return raw
-
-
 def apply_override(raw: dict, override: str) -> None:
     """`a.b=c` (the value in YAML syntax) set in the mapping `raw`."""
     key, separator, text = override.partition("=")
@@ -284,15 +267,3 @@ def set_value(raw: dict, key: str, value: Any, where: str) -> None:
             raise UserError(f"{where}: {part} is not a section")
         node = child
     node[leaf] = value
-
-
-def first_problem(error: ValidationError) -> str:
-    """The first problem of a pydantic validation, as `field.path: message`."""
-    problem = error.errors()[0]
-    message = problem["msg"].removeprefix("Value error, ")
-    if isinstance(problem.get("ctx", {}).get("error"), _FieldError):
-        return message
-    location = ".".join(str(part) for part in problem["loc"])
-    if problem["type"] == "extra_forbidden":
-        return f"{location}: unknown key"
-    return f"{location}: {message}" if location else message

@@ -36,7 +36,7 @@ from pipelines.training.optim import build_ema, build_optimizer, build_scheduler
 from pipelines.training.ray_logging import quiet_worker
 from pipelines.training.sharding import steps_per_epoch
 from pipelines.training.step_timing import PhaseTimer
-from pipelines.tracking.runs import RunTracker
+from pipelines.tracking.training_run import TrainingRun
 from pipelines.training.config import TrainConfig, flatten, to_yaml
 
 logger = logging.getLogger(__name__)  # Ray Train forwards worker logs to the driver's console
@@ -211,19 +211,19 @@ def fresh_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
     )
 
 
-def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress) -> RunTracker:
+def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress) -> TrainingRun:
     derived = {"derived.global_batch_size": config.global_batch_size, "derived.peak_lr": config.peak_lr,
                "derived.steps_per_epoch": data.steps_per_epoch, "derived.train_samples": data.train.total,
                "derived.val_samples": data.val.total, "derived.num_classes": len(data.class_names)}
-    tracker = RunTracker.attach(config.name, config.mlflow.experiment, config.mlflow.tracking_uri,
-                                progress.mlflow_run_id, {**flatten(config), **derived}, to_yaml(config),
-                                parent_run_id=config.mlflow.parent_run_id, history=progress.history)
+    tracker = TrainingRun.attach(config.name, config.mlflow.experiment, config.mlflow.tracking_uri,
+                                 progress.mlflow_run_id, {**flatten(config), **derived}, to_yaml(config),
+                                 parent_run_id=config.mlflow.parent_run_id, history=progress.history)
     progress.mlflow_run_id = tracker.run_id
     return tracker
 
 
 def run_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Training,
-              tracker: RunTracker | None, epoch: int) -> None:
+              tracker: TrainingRun | None, epoch: int) -> None:
     start = time.perf_counter()
     loader = train_loader(data.train, data.layout, data.train_transform, config.data.batch_size,
                           config.data.shuffle_buffer, config.seed, epoch, config.data.on_bad_sample)
@@ -364,13 +364,13 @@ def console_line(metrics: dict[str, float], epochs: int) -> str:
             f"data wait {metrics['data_wait_frac']:.0%}" + (f"  skipped {skipped:.0f} bad samples" if skipped else ""))
 
 
-def finish(config: TrainConfig, training: Training, data: DataSetup, tracker: RunTracker) -> dict[str, str | None]:
+def finish(config: TrainConfig, training: Training, data: DataSetup, tracker: TrainingRun) -> dict[str, str | None]:
     """Rank 0: log the final model once (the EMA if it validated better), close the MLflow run."""
-    if config.mlflow.log_model and tracker.model_uri is None:
+    if config.mlflow.log_model and tracker.model.uri is None:
         source, weights = final_weights(training)
-        tracker.log_model(weights, data.info, source)
+        tracker.model.log(weights, data.info, source)
     tracker.finish()
-    return {"mlflow_run_id": tracker.run_id, "mlflow_run_url": tracker.run_url(), "model_uri": tracker.model_uri}
+    return {"mlflow_run_id": tracker.run_id, "mlflow_run_url": tracker.run_url(), "model_uri": tracker.model.uri}
 
 
 def final_weights(training: Training) -> tuple[str, nn.Module]:

@@ -35,10 +35,9 @@ from typing import Annotated, Any, Iterator, Literal, Mapping, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from infra.config_files import first_problem, read_yaml
 from infra.errors import UserError
-from pipelines.training.config import (
-    MAX_SEED, TrainConfig, apply_override, first_problem, parse_config, read_yaml, set_value,
-)
+from pipelines.training.config import MAX_SEED, TrainConfig, apply_override, parse_config, set_value
 
 SWEEP_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # leaves room for "-<trial id>" within RUN_NAME
 MAX_SAMPLES = 10_000  # trials in one sweep: each is a Ray Train run (~20 s of start-up at least)

@@ -54,7 +54,7 @@ from infra.errors import INTERRUPTED_EXIT, UserError
 if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
     from pipelines.training.run_storage import RunStorage
     from pipelines.tuning.config import Sweep
-    from pipelines.tracking.runs import RunTracker
+    from pipelines.tracking.sweep_run import SweepRun
 
 METRIC, MODE = "val_top1", "max"  # what the sweep optimises and ASHA compares
 REGISTERED_TAG = "vitae.registered_version"  # on the sweep's run: "<model>/<version>", registered once
@@ -188,10 +188,10 @@ def describe(sweep: Sweep) -> str:
             f"{', '.join(config.search.space)}; {stopping}; {sweep.base.scaling.num_workers} workers per trial")
 
 
-def attach_sweep_run(sweep: Sweep, concurrency: Concurrency, resume: bool) -> RunTracker:
+def attach_sweep_run(sweep: Sweep, concurrency: Concurrency, resume: bool) -> SweepRun:
     """The sweep's MLflow run (a resumed sweep's own), with the search space and settings as params."""
     from pipelines.training.ray_cluster import describe_resources
-    from pipelines.tracking.runs import RunTracker
+    from pipelines.tracking.sweep_run import SweepRun
 
     config = sweep.config
     params = {
@@ -203,8 +203,8 @@ def attach_sweep_run(sweep: Sweep, concurrency: Concurrency, resume: bool) -> Ru
         "max_concurrent_trials": concurrency.trials, "data.url": sweep.base.data.url,
         "registry.model_name": config.registry.model_name,
     }
-    tracker = RunTracker.attach_sweep(sweep.name, sweep.base.mlflow.experiment, sweep.base.mlflow.tracking_uri,
-                                      params, sweep.resolved_yaml(), resume)
+    tracker = SweepRun.attach(sweep.name, sweep.base.mlflow.experiment, sweep.base.mlflow.tracking_uri,
+                              params, sweep.resolved_yaml(), resume)
     print(f"MLflow sweep run: {tracker.run_url()}", flush=True)
     started_with = int(tracker.params.get("max_concurrent_trials", concurrency.trials))
     if started_with > concurrency.trials:  # Tune restores the search algorithm with its limit
@@ -315,7 +315,7 @@ def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(completed, key=lambda row: row["val_top1"], default=None)
 
 
-def finish(sweep: Sweep, tracker: RunTracker, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def finish(sweep: Sweep, tracker: SweepRun, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The trials to the sweep's run; the best registered (and promoted) and returned."""
     import pandas
 
@@ -332,7 +332,7 @@ def finish(sweep: Sweep, tracker: RunTracker, rows: list[dict[str, Any]]) -> dic
     return best
 
 
-def log_trials(sweep: Sweep, tracker: RunTracker, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+def log_trials(sweep: Sweep, tracker: SweepRun, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
     """Table, figure, counts and best trial to the sweep's run; the runs of trials stopped early end KILLED."""
     from pipelines.tracking import plots
     from pipelines.tuning.config import LogUniform
@@ -350,7 +350,7 @@ def log_trials(sweep: Sweep, tracker: RunTracker, rows: list[dict[str, Any]], be
         tracker.set_tags({"vitae.best_trial": best["trial_id"]})
 
 
-def register_best(sweep: Sweep, tracker: RunTracker, best: dict[str, Any]) -> None:
+def register_best(sweep: Sweep, tracker: SweepRun, best: dict[str, Any]) -> None:
     """The best trial's model as a new @challenger version, once per sweep; then promotion if configured."""
     from pipelines.model_registry import champions
     from pipelines.tracking.runs import MODEL_URI_TAG
@@ -365,7 +365,8 @@ def register_best(sweep: Sweep, tracker: RunTracker, best: dict[str, Any]) -> No
         if model_uri is None:
             print(f"the best trial's run {run.info.run_id} logged no model (mlflow.log_model): nothing to register")
             return
-        version = champions.register_challenger(model_uri, model_name, registration_tags(sweep, tracker, best, run))
+        version = champions.register_challenger(model_uri, model_name, registration_tags(sweep, tracker, best, run),
+                                                tracker.server)
         registered = f"{model_name}/{version}"
         tracker.set_tags({REGISTERED_TAG: registered})
     version = registered.rpartition("/")[2]
@@ -374,7 +375,7 @@ def register_best(sweep: Sweep, tracker: RunTracker, best: dict[str, Any]) -> No
         promote(sweep, tracker, version)
 
 
-def registration_tags(sweep: Sweep, tracker: RunTracker, best: dict[str, Any], run) -> dict[str, Any]:
+def registration_tags(sweep: Sweep, tracker: SweepRun, best: dict[str, Any], run) -> dict[str, Any]:
     from data_prep.dataset import PreparedDataset
     from pipelines.model_registry import champions
 
@@ -391,12 +392,13 @@ def registration_tags(sweep: Sweep, tracker: RunTracker, best: dict[str, Any], r
     }
 
 
-def promote(sweep: Sweep, tracker: RunTracker, version: str) -> None:
+def promote(sweep: Sweep, tracker: SweepRun, version: str) -> None:
     from pipelines.model_registry.promotion import promote_registered  # the evaluation stack: only when promoting
 
     settings = sweep.config.registry
     outcome = promote_registered(settings.model_name, sweep.base.data.url, split=settings.split, version=version,
-                                 margin=settings.margin, metric=settings.metric, lock_url=settings.lock_url)
+                                 margin=settings.margin, metric=settings.metric, lock_url=settings.lock_url,
+                                 server=tracker.server)
     tracker.set_tags({"vitae.promoted": outcome.promoted, "vitae.promotion_reason": outcome.reason})
     print(f"promotion: {outcome.reason}", flush=True)
 
