@@ -35,9 +35,7 @@ from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
 from pipelines.training.input_pipeline import train_loader
 from pipelines.training.run_storage import RunStorage
-from pipelines.training.driver import fit
 from pipelines.training.config import TrainConfig, load_config
-from pipelines.training.worker import WorkerEnv, build_data, build_model, epoch_metrics, fresh_training, train_epoch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_vitae_t.yaml"
 PHASES = ("data_wait_ms", "forward_ms", "backward_ms", "optimizer_ms")
@@ -45,6 +43,9 @@ PHASES = ("data_wait_ms", "forward_ms", "backward_ms", "optimizer_ms")
 
 def plain_loop(config: TrainConfig) -> list[dict[str, float]]:
     """The job's training epochs, run here without Ray: one rank, CPU; per-epoch metrics."""
+    # imports ray: only inside `embedded_stack`, once Ray's settings are in the environment
+    from pipelines.training.worker import WorkerEnv, build_data, build_model, epoch_metrics, fresh_training, train_epoch
+
     env = WorkerEnv(0, 1, torch.device("cpu"))
     dataset = PreparedDataset.open(config.data.url)
     torch.manual_seed(config.seed)
@@ -62,6 +63,8 @@ def plain_loop(config: TrainConfig) -> list[dict[str, float]]:
 
 def ray_job(config: TrainConfig) -> tuple[list[dict[str, float]], float, float]:
     """(per-epoch metrics as logged to MLflow, fit() seconds, seconds from fit() to the MLflow run)."""
+    from pipelines.training.driver import fit  # imports ray: only inside `embedded_stack`
+
     storage = RunStorage.open(config.checkpoint.storage_path)
     called_at = time.time()
     fit_s, result = timed(lambda: fit(config, storage))

@@ -40,7 +40,7 @@ class TinyClassifier:
         """The training code's evaluation of `split`, on the in-memory model."""
         shards = SplitShards.of(PreparedDataset.open(self.data_url), split)
         loader = eval_loader(shards, self.data.layout, self.data.eval_transform, 64)
-        return evaluate({"val": self.model}, loader, self.data.prepare, len(self.data.class_names), CPU)["val"]
+        return evaluate({"val": self.model}, loader, self.data.to_model_input, len(self.data.class_names), CPU)["val"]
 
 
 def digits_dataset(name: str) -> str:
@@ -67,7 +67,7 @@ def train(model: nn.Module, data: DataSetup, config: TrainConfig, epochs: int) -
     for epoch in range(epochs):
         for images, labels in train_loader(data.train, data.layout, data.train_transform, config.data.batch_size,
                                            config.data.shuffle_buffer, config.seed, epoch):
-            loss = F.cross_entropy(model(data.prepare(images)), labels)
+            loss = F.cross_entropy(model(data.to_model_input(images)), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -153,7 +153,7 @@ def test_validation_equals_a_single_process_evaluation_of_the_checkpoint(scenari
     cpu = torch.device("cpu")
     data = build_data(config, WorkerEnv(0, 1, cpu), dataset, model.pretrained_cfg)
     loader = eval_loader(data.val, ReaderLayout(0, 1, loader_workers=0), data.eval_transform, batch_size=7)
-    totals = evaluate({"val": model, "val_ema": ema.module}, loader, data.prepare, 10, cpu)
+    totals = evaluate({"val": model, "val_ema": ema.module}, loader, data.to_model_input, 10, cpu)
     assert totals["val"].count == dataset.num_samples("val")
     for name, total in totals.items():
         for key, value in total.metrics(name).items():

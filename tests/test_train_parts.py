@@ -30,7 +30,7 @@ from pipelines.model_packaging import ClassifierInfo, package
 from pipelines.training.optim import build_scheduler, param_groups
 from pipelines.training.sharding import eval_plan, steps_per_epoch, train_plan
 from pipelines.training.driver import check_dataset
-from pipelines.training.config import ScheduleConfig, config_changes, load_config, parse_config
+from pipelines.training.config import ScheduleSettings, config_changes, load_config, parse_config
 from pipelines.training.worker import accumulation_group
 from tests.train_helpers import all_reduce_totals, make_shapes_folder, prepare_dataset, tiny_config, write_config
 
@@ -311,7 +311,7 @@ def test_weight_decay_skips_norms_biases_and_no_weight_decay():
 
 def test_schedule_warms_up_linearly_then_follows_the_cosine():
     optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
-    schedule = ScheduleConfig(epochs=10, warmup_epochs=2, warmup_start_factor=0.1, min_lr_ratio=0.01)
+    schedule = ScheduleSettings(epochs=10, warmup_epochs=2, warmup_start_factor=0.1, min_lr_ratio=0.01)
     scheduler = build_scheduler(optimizer, schedule, steps_per_epoch=5)
     lrs = [optimizer.param_groups[0]["lr"]]
     for _ in range(50):
@@ -371,7 +371,7 @@ def test_checkpointer_restores_every_state(tmp_path):
     def parts():
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-        scheduler = build_scheduler(optimizer, ScheduleConfig(epochs=4, warmup_epochs=1), steps_per_epoch=2)
+        scheduler = build_scheduler(optimizer, ScheduleSettings(epochs=4, warmup_epochs=1), steps_per_epoch=2)
         progress, private = TrainProgress(), random.Random(5)
         states = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
         return states, private, Checkpointer(states, RngState(private), rank=0, config_json='{"name": "x"}')

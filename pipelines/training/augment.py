@@ -1,11 +1,7 @@
-"""Image preprocessing: PIL transforms per sample (run in DataLoader workers) and the tensor steps
-on the device (normalisation), shared by training, evaluation and the packaged model.
-
-Training: random resized crop (the Inception/torchvision recipe), horizontal flip, optional
-RandAugment-style ops (Cubuk et al., 2019: `ops` random ops per image at one magnitude out of 10).
-Evaluation: resize to `img_size / crop_pct`, centre crop. Both end as uint8 CHW tensors; the
-device turns them into normalised floats (`normalize`), so workers ship 4x fewer bytes. Every
-random choice comes from the `random.Random` passed in, so a seeded reader is reproducible.
+"""Image preprocessing: PIL transforms per sample (run in DataLoader workers: random resized crop,
+flip, RandAugment-style ops for training; resize and centre crop for evaluation) and the tensor
+steps on the device (normalisation), shared by training, evaluation and the packaged model
+(docs/design/training.md).
 """
 
 from __future__ import annotations

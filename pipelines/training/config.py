@@ -1,17 +1,7 @@
 """The typed configuration of a training run: one small pydantic model per component (data with its
 augmentation, model, optim, schedule, checkpoint, mlflow, scaling), read from YAML with
-`--set a.b=c` overrides and validated before anything else runs.
-
-Unknown keys and out-of-range values are errors that name the field (`model.depth: ...`); they
-surface as one `UserError` line. Every float must be finite (no `.inf`, `.nan`), and sizes have upper
-bounds (the `MAX_*` constants below: each says why) so that an absurd value is refused at once rather
-than exhausting memory or time later. The model section is then checked by building the model on
-the meta device, so an image size or depth the architecture cannot take is refused here, not on a
-worker.
-
-Conventions: `data.batch_size` is per worker and per micro-step; the global batch is
-`batch_size * scaling.num_workers * optim.accumulation_steps`. `optim.lr` is the peak learning rate
-per 512 images of global batch (the DeiT/ViTAE convention): the run uses `lr * global_batch / 512`.
+`--set a.b=c` overrides and validated before anything else runs; errors name the field. Its
+conventions (batch sizes, learning-rate scaling) and bounds: docs/design/training.md.
 """
 
 from __future__ import annotations
@@ -20,9 +10,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import vitae
 from data_prep.dataset import OnBadSample
 from infra.config_files import FieldError, first_problem, read_yaml
 from infra.errors import UserError
@@ -57,7 +49,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
 
-class AugmentConfig(_Section):
+class AugmentSettings(_Section):
     """Training-time augmentation and target regularisation (evaluation never augments)."""
 
     scale: tuple[Fraction, Fraction] = (0.08, 1.0)  # random-resized-crop area, as a fraction of the image
@@ -79,7 +71,7 @@ class AugmentConfig(_Section):
         return value
 
 
-class DataConfig(_Section):
+class DataSettings(_Section):
     url: str = Field(min_length=1)  # a prepared dataset: s3://bucket/prefix or a local directory
     train_split: str = "train"
     val_split: str = "val"
@@ -91,10 +83,10 @@ class DataConfig(_Section):
     crop_pct: float | None = Field(None, gt=0.0, le=1.0)  # evaluation centre crop; default: the model's
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bicubic"
     on_bad_sample: OnBadSample = "skip"  # skip: warn and count (metric skipped_samples); fail: stop the run
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
 
 
-class ModelConfig(_Section):
+class ModelSettings(_Section):
     name: str = "vitae_t"
     img_size: int = Field(224, ge=1, le=MAX_IMG_SIZE)
     depth: int | None = Field(None, ge=1, le=MAX_DEPTH)  # normal cells (see vitae.create_model); default: the model's
@@ -105,10 +97,7 @@ class ModelConfig(_Section):
     bf16: bool = True  # bfloat16 autocast on GPU workers (CPU workers compute in float32)
 
     @model_validator(mode="after")
-    def _buildable(self) -> ModelConfig:
-        import torch
-        import vitae
-
+    def _buildable(self) -> ModelSettings:
         if not vitae.is_model(self.name):
             raise _field_error("model.name", f"unknown model {self.name!r}; see `vitae models`")
         with torch.device("meta"):  # builds the architecture without allocating weights
@@ -117,7 +106,7 @@ class ModelConfig(_Section):
         return self
 
 
-class OptimConfig(_Section):
+class OptimSettings(_Section):
     lr: PositiveFloat = 5e-4  # peak learning rate per 512 images of global batch
     weight_decay: float = Field(0.05, ge=0.0)  # not applied to norms, biases and no_weight_decay()
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
@@ -127,7 +116,7 @@ class OptimConfig(_Section):
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA of the weights
 
 
-class ScheduleConfig(_Section):
+class ScheduleSettings(_Section):
     """Per optimizer step: linear warmup from `warmup_start_factor * lr`, then cosine decay to
     `min_lr_ratio * lr` at the end of the last epoch."""
 
@@ -137,13 +126,13 @@ class ScheduleConfig(_Section):
     min_lr_ratio: Fraction = 0.01
 
 
-class CheckpointConfig(_Section):
+class CheckpointSettings(_Section):
     storage_path: str = Field(min_length=1)  # s3://bucket/prefix, or a directory every node shares
     num_to_keep: PositiveInt | None = 2  # the best by validation top-1; the latest is always kept
     max_failures: int = Field(2, ge=-1)  # worker failures to recover from (-1: no limit)
 
 
-class MlflowConfig(_Section):
+class MlflowSettings(_Section):
     experiment: str = Field("vitae", min_length=1)
     tracking_uri: str | None = None  # default: the workers' MLFLOW_TRACKING_URI
     log_model: bool = True
@@ -158,7 +147,7 @@ class MlflowConfig(_Section):
         return value
 
 
-class ScalingConfig(_Section):
+class ScalingSettings(_Section):
     num_workers: int = Field(2, ge=1, le=MAX_NUM_WORKERS)
     use_gpu: bool = False  # NCCL between GPU workers, gloo between CPU workers
     resources_per_worker: dict[str, Annotated[float, Field(ge=0.0)]] | None = None  # default {"CPU": 1}
@@ -168,13 +157,13 @@ class ScalingConfig(_Section):
 class TrainConfig(_Section):
     name: str  # the run: re-running the same name with the same storage resumes it
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    checkpoint: CheckpointConfig
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    data: DataSettings
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    checkpoint: CheckpointSettings
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
     @field_validator("name")
     @classmethod

@@ -1,41 +1,36 @@
-"""`vitae train` and `python -m pipelines.train` (the `ray job submit` entrypoint): the driver.
-
-It stays light: it validates the config, checks the dataset and the checkpoint storage, connects
-to Ray (`pipelines.training.ray_cluster`: one line, not a hang, on a dead address) and checks that the
-cluster can hold the workers, holds the run's name (one driver per run: `RunStorage.hold`), builds
-Ray Train's ScalingConfig and RunConfig, calls `TorchTrainer.fit()` and prints where the results
-went. Tune's trials call `fit` directly, each under its own name. All training happens in `pipelines.training.worker.train_worker` on the Ray workers.
-
-Resuming: Ray Train (V2) resumes a run when a run of the same `name` exists under the same
-storage path (its checkpoint manager reloads the snapshot and `ray.train.get_checkpoint()`
-returns the latest checkpoint). Re-submitting a job therefore continues it; the driver refuses a
-re-submission whose config changed anything but resources (`train_config.RESUMABLE_CHANGES`).
-
-    ray job submit -- python -m pipelines.train --config configs/digits_vitae_t.yaml --set schedule.epochs=5
+"""`vitae train` and `python -m pipelines.train` (the `ray job submit` entrypoint): the driver of a
+training run. It checks the config, dataset, storage and cluster, holds the run's name and fits a
+Ray Train `TorchTrainer` whose workers run `pipelines.training.worker.train_worker`
+(docs/design/training.md).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
-    from pipelines.training.run_storage import RunStorage
-    from pipelines.training.config import TrainConfig
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from data_prep.dataset import PreparedDataset
+from infra.errors import UserError
+from pipelines.training.config import TrainConfig, config_changes, load_config
+from pipelines.training.failures import UserErrorsEndTheRun, user_error
+from pipelines.training.ray_cluster import cluster_capacity, connect_to_ray, require_resources
+from pipelines.training.ray_logging import quiet_driver
+from pipelines.training.run_storage import RunStorage
+from pipelines.training.sharding import steps_per_epoch
+from pipelines.training.train_state import read_checkpoint_config
+from pipelines.training.worker import train_worker
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from pipelines.training.config import load_config
-
-    launch(load_config(args.config, args.overrides))
+    run_training(load_config(args.config, args.overrides))
     return 0
 
 
-def launch(config: TrainConfig) -> None:
+def run_training(config: TrainConfig) -> None:
     """The user's driver of run `config.name`: checks, then fits it holding its name."""
-    from pipelines.training.ray_cluster import connect_to_ray
-    from pipelines.training.run_storage import RunStorage
-
     check_dataset(config)
     storage = RunStorage.open(config.checkpoint.storage_path)
     how_it_starts = check_resumable(config, storage)
@@ -51,10 +46,6 @@ def launch(config: TrainConfig) -> None:
 
 def check_dataset(config: TrainConfig) -> None:
     """The dataset exists, has both splits and enough training samples for one step per worker."""
-    from data_prep.dataset import PreparedDataset
-    from infra.errors import UserError
-    from pipelines.training.sharding import steps_per_epoch
-
     dataset = PreparedDataset.open(config.data.url)
     for field, split in (("data.train_split", config.data.train_split), ("data.val_split", config.data.val_split)):
         if dataset.num_samples(split) == 0:
@@ -68,8 +59,6 @@ def check_dataset(config: TrainConfig) -> None:
 
 def check_resources(config: TrainConfig) -> None:
     """The cluster can hold the run's workers (Ray would wait for them forever)."""
-    from pipelines.training.ray_cluster import cluster_capacity, require_resources
-
     require_resources(scaling_config(config).total_resources, cluster_capacity(),
                       f"run {config.name} ({config.scaling.num_workers} workers)",
                       "use fewer or smaller workers (scaling.num_workers, scaling.resources_per_worker, "
@@ -78,10 +67,6 @@ def check_resources(config: TrainConfig) -> None:
 
 def check_resumable(config: TrainConfig, storage: RunStorage) -> str:
     """A run that exists under this name is resumed, with the same config; says how the run starts."""
-    from infra.errors import UserError
-    from pipelines.training.train_state import read_checkpoint_config
-    from pipelines.training.config import TrainConfig, config_changes
-
     previous = storage.previous_result(config.name)
     if previous is None or previous.checkpoint is None:
         return f"run {config.name}: starting (checkpoints in {storage.run_url(config.name)})"
@@ -94,16 +79,8 @@ def check_resumable(config: TrainConfig, storage: RunStorage) -> str:
 
 def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = ()):
     """Run (or resume) training run `config.name`; `callbacks` go to Ray Train's RunConfig (a sweep's
-    trial passes Tune's `TuneReportCallback`). A failure the user can fix (see `train_failures`)
+    trial passes Tune's `TuneReportCallback`). A failure the user can fix (see `failures.user_error`)
     ends the run without restarts and is raised as one `UserError` line."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from infra.errors import UserError
-    from pipelines.training.ray_logging import quiet_driver
-    from pipelines.training.failures import UserErrorsEndTheRun, user_error
-    from pipelines.training.worker import train_worker
-
     quiet_driver()
     trainer = TorchTrainer(
         train_worker,
@@ -131,8 +108,6 @@ def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = ()):
 
 def scaling_config(config: TrainConfig):
     """Ray Train's ScalingConfig of the run (its `total_resources` is what the workers occupy)."""
-    import ray.train
-
     return ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                    resources_per_worker=config.scaling.resources_per_worker,
                                    placement_strategy=config.scaling.placement_strategy)

@@ -1,24 +1,14 @@
-"""Why a training run failed, owned here: Ray Train's failure types unwrapped to their root causes,
-and the causes a user can fix told as one `UserError` line instead of a traceback.
-
-`trainer.fit()` raises a `WorkerGroupError` (each rank's exception, wrapped with its traceback
-text) or a `ControllerError` (the controller's own failure). Their root causes that a user can fix
-are `UserError`s raised on the workers (a bad sample with `data.on_bad_sample: fail`, an S3 endpoint
-that stayed down after every retry) and pyarrow's S3 errors from the checkpoint storage (they name
-no endpoint: `storage_error` adds it). Anything else is a bug or a Ray failure and keeps its
-traceback.
-
-Ray Train retries every worker-group failure up to `FailureConfig.max_failures`, though a user
-error fails the same way again. `UserErrorsEndTheRun` stops that with Ray Train's own hooks: it
-reads each worker-group poll, and when the controller is about to carry out a RETRY for a user
-error it raises that error, which Ray Train wraps as a `ControllerError`: its failure policy does
-not retry those, so the run ends at once.
+"""Why a training run failed: Ray Train's failure types unwrapped to their root causes, the causes
+a user can fix told as one `UserError` line, and the callback that ends a run on one instead of
+restarting its workers (docs/design/training.md).
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
+from ray.train import ControllerError, WorkerGroupError
+from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.train.v2._internal.execution.failure_handling import FailureDecision
 
@@ -28,9 +18,6 @@ from infra.object_store import S3Config
 
 def root_causes(error: BaseException) -> Iterator[BaseException]:
     """The exceptions underneath Ray Train's wrappers: the controller's, then each rank's."""
-    from ray.train import ControllerError, WorkerGroupError
-    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
-
     if isinstance(error, ControllerError):
         yield from root_causes(error.controller_failure)
     elif isinstance(error, WorkerGroupError):

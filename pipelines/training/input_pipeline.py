@@ -1,17 +1,7 @@
-"""The input pipeline of one training worker: a prepared dataset's shards streamed with webdataset
-(through data_prep's `s3://` opener), read as the `sharding` plan assigns them to this rank and its
-DataLoader workers, decoded and transformed with PIL in those workers, shuffled in a buffer and
-batched as uint8 tensors.
-
-A new DataLoader is built per epoch (its workers receive that epoch's plan); each loader worker
-seeds its shuffle and augmentation from (seed, epoch, rank, worker), so a run is reproducible.
-
-Bad samples (`data_prep.dataset.BadSample`: an undecodable image, a label out of range, an unsafe
-member name, the unreadable rest of a truncated shard) end the epoch with that error when
-`on_bad_sample="fail"`. With "skip" (the default) each is logged as a warning naming the shard and
-counted (`skipped_samples(loader)`); a training slot then tops its stream up with repeats of
-samples it decoded, so every rank still runs the planned number of full batches (DDP needs that).
-An S3 endpoint that stays unavailable is never a bad sample: its `UserError` ends the epoch.
+"""The input pipeline of one training worker: a prepared dataset's shards streamed with webdataset,
+read as the `sharding` plan assigns them to this rank and its DataLoader workers, decoded and
+transformed with PIL, shuffled and batched as uint8 tensors; bad samples skipped (and counted) or
+fatal, as configured (docs/design/training.md).
 """
 
 from __future__ import annotations
@@ -37,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image, random.Random], torch.Tensor]
 SHUFFLE_INITIAL = 100  # samples buffered before the first is yielded
-DESCRIBED_RANGES = 12  # shard ranges that `PlannedStream.describe` lists by name
+DESCRIBED_RANGES = 12  # shard ranges that `PlannedStream.describe_ranges` lists by name
 
 
 @dataclass(frozen=True)
@@ -83,7 +73,7 @@ class PlannedStream(IterableDataset):
         self.num_classes, self.on_bad_sample = num_classes, on_bad_sample
         self.skipped = torch.zeros(len(slots), dtype=torch.int64).share_memory_()
 
-    def describe(self) -> str:
+    def describe_ranges(self) -> str:
         """What this rank reads, e.g. `704 samples from 5 shards: train-000003.tar[96:170] ...`."""
         ranges = [piece for slot in self.slots for piece in slot]
         names = [f"{shard_name_of(self.urls[piece.shard])}[{piece.start}:{piece.stop}]"

@@ -1,9 +1,5 @@
-"""Batch-level mixup (Zhang et al., 2018) and cutmix (Yun et al., 2019) on the device.
-
-A mixed batch pairs each image with the batch reversed, draws lambda ~ Beta(alpha, alpha) and
-returns class-probability targets `lam * onehot(y) + (1 - lam) * onehot(y reversed)`; cutmix
-pastes a box of area fraction `1 - lam` (lambda is corrected to the box actually pasted). Label
-smoothing is left to `CrossEntropyLoss(label_smoothing=...)`, which accepts probability targets.
+"""Batch-level mixup (Zhang et al., 2018) and cutmix (Yun et al., 2019) on the device, returning
+class-probability targets (docs/design/training.md).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Optimisation pieces: AdamW over two parameter groups, the warmup + cosine schedule per optimizer
-step, and the EMA of the weights.
-
-Weight decay skips every 1-D parameter (norm weights, biases) and the names the model lists in
-`no_weight_decay()` (class token, position embeddings). The schedule is torch's own: `LinearLR`
-warmup then `CosineAnnealingLR` down to `min_lr_ratio * lr`, chained by `SequentialLR`.
+"""Optimisation pieces: AdamW over two parameter groups (no weight decay on 1-D parameters and
+`no_weight_decay()` names), the warmup + cosine schedule per optimizer step, and the EMA of the
+weights (docs/design/training.md).
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipelines.training.config import OptimConfig, ScheduleConfig
+from pipelines.training.config import OptimSettings, ScheduleSettings
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -28,12 +25,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, peak_lr: float) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: OptimSettings, peak_lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=peak_lr, betas=config.betas,
                              eps=config.eps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: ScheduleConfig, steps_per_epoch: int) -> LRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, config: ScheduleSettings, steps_per_epoch: int) -> LRScheduler:
     """Stepped once per optimizer step; `steps_per_epoch` counts optimizer steps."""
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)

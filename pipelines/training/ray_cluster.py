@@ -1,17 +1,6 @@
-"""A driver's connection to the Ray cluster, and the checks made against the cluster before a job
-uses it.
-
-`connect_to_ray` joins the cluster named by RAY_ADDRESS, or gives up in one line naming the
-address, after one attempt of Ray's own (`RAY_gcs_server_port_wait_time_s`: Ray's default is 20
-attempts, 826 s on a dead address). An attempt waits 5 s for the gRPC channels to the GCS and its
-pubsub and 30 s for the cluster id (Ray's defaults, `RAY_gcs_rpc_server_connect_timeout_s` and
-`RAY_py_gcs_connect_timeout_s`, read when `ray` is imported): ~41 s in all. A setting the user
-exported wins. Without RAY_ADDRESS, `ray.init()` behaves as Ray's own default (a local instance).
-
-`require_resources` refuses a job whose resources the cluster can never hold, which Ray would
-otherwise wait for forever. What the cluster can hold is `cluster_capacity()`: on an autoscaling
-cluster the most its autoscaler may launch (Ray Train's own check reads the same), otherwise the
-resources of the nodes alive now, so on a cluster whose nodes are added by hand, add them first.
+"""A driver's connection to the Ray cluster (`connect_to_ray`: bounded in time on a dead address)
+and the checks made against the cluster before a job uses it (`cluster_capacity`,
+`require_resources`); why and how long: docs/design/training.md.
 """
 
 from __future__ import annotations
@@ -21,6 +10,9 @@ import os
 import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping
+
+import ray
+from ray._private.state import state
 
 from infra.errors import UserError
 
@@ -45,9 +37,7 @@ def connect_to_ray() -> None:
     address = os.environ.get("RAY_ADDRESS", "")
     bounded = address not in ("", "local")
     started = time.monotonic()
-    with _defaults_in_environ(CONNECT_SETTINGS if bounded else {}):
-        import ray
-
+    with _defaults_in_environ(CONNECT_SETTINGS if bounded else {}):  # read by `ray.init`
         if ray.is_initialized():
             return
         try:
@@ -68,9 +58,6 @@ class ClusterCapacity:
 
 def cluster_capacity() -> ClusterCapacity:
     """What the connected cluster can hold: its autoscaler's maximum, or else what it has now."""
-    import ray
-    from ray._private.state import state
-
     maximum = state.get_max_resources_from_cluster_config()
     if maximum:
         return ClusterCapacity(maximum, "can grow to")

@@ -1,28 +1,6 @@
-"""Which samples each reader takes in an epoch: an explicit plan per (rank, DataLoader worker) slot.
-
-The manifest gives every shard's sample count, so the plan is computed, not discovered. A split is
-seen as one sequence: its shards concatenated in some order. Each slot receives contiguous ranges
-of that sequence, as `ShardRange(shard, start, stop)` pieces of shards, which the input pipeline
-streams (reading a shard from its start and skipping to `start`).
-
-Training (`train_plan`): every epoch shuffles the shard order and rotates the sequence by a random
-offset (both seeded by seed and epoch), then gives each rank `steps * batch_size` consecutive
-samples, where `steps = total // (world_size * batch_size)`. So every rank runs exactly the same
-number of full-batch steps whatever the shard sizes (an uneven split hangs DDP), no sample is read
-twice within an epoch, across all ranks, and fewer than `world_size * batch_size` samples are left
-out, different ones each epoch. A rank's range is cut into whole batches for its DataLoader
-workers (they differ by at most one batch; the DataLoader takes from whichever still has data).
-
-We chose this over resampled shards + `with_epoch`: resampling draws shards with replacement, so
-with few shards (small data sets, many ranks) ranks see the same samples several times per epoch
-while others are never seen, and an epoch is no longer a pass over the data. The price of ranges
-is reading past the skipped prefix of a shard that two slots share: at most one shard per slot
-boundary, negligible when shards outnumber slots.
-
-Evaluation (`eval_plan`): the sequence in manifest order is cut into `world_size` nearly equal
-parts and each part into its workers' parts: every sample exactly once across ranks. Ranks may
-run different numbers of batches; evaluation does no collective per batch, only one all-reduce of
-the totals at the end, so that cannot hang.
+"""Which samples each reader takes in an epoch: an explicit plan of `ShardRange` pieces per (rank,
+DataLoader worker) slot, computed from the manifest's counts; training plans give every rank the
+same number of full batches, evaluation plans every sample once (docs/design/training.md).
 """
 
 from __future__ import annotations

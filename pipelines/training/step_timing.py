@@ -1,10 +1,5 @@
 """Where the time of training steps goes: seconds per phase (forward, backward, optimiser), summed
-over an epoch.
-
-On the CPU a phase is the wall-clock time between two marks. On a GPU kernels run asynchronously,
-so wall-clock marks would charge a phase's work to whatever later waits for it; there each mark
-records a CUDA event on the current stream, and the events are read once, at the end of the epoch
-(no synchronisation inside a step).
+over an epoch; timed by CUDA events on a GPU (docs/design/training.md).
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
-"""What a checkpoint holds and its round trip through Ray Train (`report` / `get_checkpoint`).
-
-Everything checkpointed is a `Stateful` (torch's protocol: `state_dict()` / `load_state_dict()`);
-saving collects them. A checkpoint directory holds:
-
-    train_state.pt     rank 0: model, optimizer, scheduler, EMA, progress (completed epochs,
-                       optimizer steps, MLflow run id, per-epoch metric history)
-    config.json        rank 0: the resolved config (the driver compares it when a run resumes)
-    rng-rank{r}.pt     every rank: its random-number-generator states
-
-Every rank reports its directory at the end of an epoch; Ray Train merges them into one
-checkpoint in the run's storage. Resuming loads the latest one on every rank (a rank whose RNG
-file is missing, e.g. after a change of world size, keeps its fresh seeds).
+"""What a checkpoint holds (every `Stateful` of the run, the resolved config, each rank's RNG
+states) and its round trip through Ray Train (`report` / `get_checkpoint`); the layout of a
+checkpoint directory: docs/design/training.md.
 """
 
 from __future__ import annotations
@@ -22,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import ray.train
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -90,16 +81,12 @@ class Checkpointer:
 
     def report(self, metrics: dict[str, float]) -> None:
         """`ray.train.report` with this epoch's checkpoint (every rank calls it: it is a barrier)."""
-        import ray.train
-
         with tempfile.TemporaryDirectory(prefix="vitae-checkpoint-") as directory:
             self.save(Path(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     def restore_latest(self) -> bool:
         """Load the run's latest checkpoint if Ray Train has one (a resumed or restarted run)."""
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return False

@@ -1,8 +1,5 @@
-"""Evaluation: sums over this rank's part of a split, summed across ranks with one all-reduce.
-
-Each rank evaluates its own samples (see `sharding.eval_plan`: every sample once across ranks) and
-keeps sums: loss, top-1 and top-5 hits, samples and a confusion matrix. One `all_reduce(SUM)` of
-those sums gives exactly the numbers of a single-process evaluation, whatever the ranks' counts.
+"""Evaluation: sums (loss, top-1 and top-5 hits, samples, confusion matrix) over this rank's part of
+a split, summed across ranks with one all-reduce (docs/design/training.md).
 """
 
 from __future__ import annotations
@@ -58,16 +55,16 @@ class EvalTotals:
 
 @torch.no_grad()
 def evaluate(models: Mapping[str, nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             prepare: Callable[[torch.Tensor], torch.Tensor], num_classes: int,
+             to_model_input: Callable[[torch.Tensor], torch.Tensor], num_classes: int,
              device: torch.device) -> dict[str, EvalTotals]:
-    """This rank's sums for each model, in one pass over `batches`; `prepare` turns a uint8 batch
+    """This rank's sums for each model, in one pass over `batches`; `to_model_input` turns a uint8 batch
     on the device into model input."""
     modes = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
     totals = {name: EvalTotals.zeros(num_classes) for name in models}
     for images, labels in batches:
-        inputs = prepare(images.to(device, non_blocking=True))
+        inputs = to_model_input(images.to(device, non_blocking=True))
         for name, model in models.items():
             totals[name].add_batch(model(inputs), labels)
     for name, model in models.items():

@@ -1,12 +1,7 @@
-"""The function Ray Train runs on every worker, assembled in reading order from this package's
-pieces: where am I (rank, device) -> data -> model, optimisation and progress, restored from the
-latest checkpoint -> DDP -> MLflow (rank 0) -> per epoch: train, validate, log, checkpoint ->
-the final model.
-
-One training step per batch: uint8 images are normalised on the device, optionally mixed
-(mixup/cutmix), and the loss is back-propagated under DDP; with gradient accumulation the
-micro-steps before the last of a group run inside `no_sync()`, so gradients are all-reduced once
-per optimizer step. Then gradient clipping, AdamW, the per-step schedule and the EMA update.
+"""The function Ray Train runs on every worker (`train_worker`), assembled in reading order from this
+package's pieces: rank and device -> data -> model, optimisation and progress, restored from the
+latest checkpoint -> DDP -> MLflow (rank 0) -> per epoch: train, validate, log, checkpoint -> the
+final model. One training step per batch, with gradient accumulation (docs/design/training.md).
 """
 
 from __future__ import annotations
@@ -19,6 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -51,9 +49,6 @@ class WorkerEnv:
 
     @classmethod
     def current(cls) -> WorkerEnv:
-        import ray.train
-        import ray.train.torch
-
         context = ray.train.get_context()
         return cls(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
                    ray.get_runtime_context().get_node_id())
@@ -67,7 +62,7 @@ class DataSetup:
     layout: ReaderLayout
     train_transform: TrainTransform
     eval_transform: EvalTransform
-    prepare: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch on the device -> model input
+    to_model_input: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch on the device -> normalised input
     info: ClassifierInfo
     steps_per_epoch: int  # micro-steps per rank
 
@@ -126,7 +121,7 @@ def train_worker(config_dict: dict) -> dict[str, str | None]:
     try:
         for epoch in range(training.progress.epoch, config.schedule.epochs):
             run_epoch(config, env, data, training, tracker, epoch)
-        return finish(config, training, data, tracker) if tracker else {}
+        return finish_training(config, training, data, tracker) if tracker else {}
     except BaseException:
         if tracker:
             tracker.finish("FAILED")
@@ -149,7 +144,7 @@ def build_data(config: TrainConfig, env: WorkerEnv, dataset: PreparedDataset, pr
     mean_t, std_t = (torch.tensor(values, device=env.device) for values in (mean, std))
     memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
 
-    def prepare(images: torch.Tensor) -> torch.Tensor:
+    def to_model_input(images: torch.Tensor) -> torch.Tensor:
         return normalize(images, mean_t, std_t).contiguous(memory_format=memory_format)
 
     return DataSetup(
@@ -160,7 +155,7 @@ def build_data(config: TrainConfig, env: WorkerEnv, dataset: PreparedDataset, pr
         train_transform=TrainTransform(img_size, augment.scale, augment.ratio, augment.hflip,
                                        augment.randaugment_ops, augment.randaugment_magnitude, spec.interpolation),
         eval_transform=EvalTransform(img_size, crop_pct, spec.interpolation),
-        prepare=prepare,
+        to_model_input=to_model_input,
         info=ClassifierInfo(config.model.name, dataset.class_names, img_size, tuple(mean), tuple(std), crop_pct,
                             spec.interpolation),
         steps_per_epoch=steps_per_epoch(train.total, env.world_size, spec.batch_size),
@@ -169,8 +164,6 @@ def build_data(config: TrainConfig, env: WorkerEnv, dataset: PreparedDataset, pr
 
 def build_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_steps: int) -> Training:
     """Optimisation state, restored from the latest checkpoint if any, then the DDP wrapper."""
-    import ray.train.torch
-
     training = fresh_training(config, env, model, micro_steps)
     progress = training.progress
     if training.checkpointer.restore_latest() and env.rank == 0:
@@ -227,7 +220,7 @@ def run_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Tr
     start = time.perf_counter()
     loader = train_loader(data.train, data.layout, data.train_transform, config.data.batch_size,
                           config.data.shuffle_buffer, config.seed, epoch, config.data.on_bad_sample)
-    log_placement(config, env, epoch, loader.dataset.describe())
+    log_placement(config, env, epoch, loader.dataset.describe_ranges())
     stats = train_epoch(config, env, data, training, loader).all_reduced(env.device)
     skipped = summed_over_ranks(skipped_samples(loader), env.device)
     evaluations = validate(config, env, data, training)
@@ -265,7 +258,7 @@ def train_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: 
     start = time.perf_counter()
     for index, (images, labels) in enumerate(_timed(batches, stats)):
         phases.start()
-        inputs, targets = training.mixing(data.prepare(images.to(env.device, non_blocking=True)),
+        inputs, targets = training.mixing(data.to_model_input(images.to(env.device, non_blocking=True)),
                                           labels.to(env.device, non_blocking=True), training.mixing_rng)
         group_size, ends_group = accumulation_group(index, steps, accumulation)
         with _gradient_sync(training.wrapped, ends_group):
@@ -317,7 +310,7 @@ def validate(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Tra
     loader = eval_loader(data.val, data.layout, data.eval_transform, config.data.batch_size,
                          config.data.on_bad_sample)
     with training.autocast():
-        totals = evaluate(models, loader, data.prepare, len(data.class_names), env.device)
+        totals = evaluate(models, loader, data.to_model_input, len(data.class_names), env.device)
     return {name: total.all_reduced(env.device) for name, total in totals.items()}
 
 
@@ -364,7 +357,8 @@ def console_line(metrics: dict[str, float], epochs: int) -> str:
             f"data wait {metrics['data_wait_frac']:.0%}" + (f"  skipped {skipped:.0f} bad samples" if skipped else ""))
 
 
-def finish(config: TrainConfig, training: Training, data: DataSetup, tracker: TrainingRun) -> dict[str, str | None]:
+def finish_training(config: TrainConfig, training: Training, data: DataSetup,
+                    tracker: TrainingRun) -> dict[str, str | None]:
     """Rank 0: log the final model once (the EMA if it validated better), close the MLflow run."""
     if config.mlflow.log_model and tracker.model.uri is None:
         source, weights = final_weights(training)
