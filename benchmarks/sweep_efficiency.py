@@ -4,7 +4,7 @@ pick the same best configuration.
 
     python -m benchmarks.sweep_efficiency --samples 4 --epochs 4 --concurrent 2
 
-Both sweeps are `pipelines.tuning.driver.launch` of `configs/digits_sweep.yaml` (its search space, seed and
+Both sweeps are `pipelines.tuning.driver.run_sweep` of `configs/digits_sweep.yaml` (its search space, seed and
 ASHA settings) with these sizes as overrides, on a real Ray head, reading digits from a real moto
 S3 server and tracked by a real `mlflow server` (free ports, stopped at the end); nothing is
 registered. The same seed samples the same trials in both. Trial-epochs, the trial table and the
@@ -25,7 +25,6 @@ from benchmarks.report import print_table, timed
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
 from pipelines.tuning.config import Sweep, load_sweep
-from pipelines.tuning.driver import launch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_sweep.yaml"
 EXPERIMENT = "benchmarks"
@@ -40,10 +39,12 @@ class SweepOutcome:
     best: dict | None  # its row of the best trial
 
 
-def run_sweep(name: str, asha: bool, args: argparse.Namespace, data_url: str, checkpoint_bucket: str
-              ) -> tuple[Sweep, SweepOutcome]:
+def measure_sweep(name: str, asha: bool, args: argparse.Namespace, data_url: str, checkpoint_bucket: str
+                  ) -> tuple[Sweep, SweepOutcome]:
     """Run one sweep to its end; (its config, what its MLflow run says of it)."""
     import ray  # only now: Ray reads the stack's authentication settings when first imported
+
+    from pipelines.tuning.driver import run_sweep  # imports ray
 
     sweep = load_sweep(CONFIG, [
         f"name={name}", f"overrides.data.url={data_url}", f"overrides.model.img_size={args.digits_size}",
@@ -54,7 +55,7 @@ def run_sweep(name: str, asha: bool, args: argparse.Namespace, data_url: str, ch
         f"asha.enabled={str(asha).lower()}", "registry.model_name=null",
     ])
     print(f"\n== sweep {name}", flush=True)
-    wall_s, status = timed(lambda: launch(sweep, resume=False))
+    wall_s, status = timed(lambda: run_sweep(sweep, resume=False))
     ray.shutdown()
     if status:
         raise SystemExit(f"sweep {name} did not complete (status {status})")
@@ -80,7 +81,7 @@ def configuration(row: dict | None, space: list[str]) -> tuple | None:
     return None if row is None else tuple(row[path] for path in space)
 
 
-def describe(row: dict | None, space: list[str]) -> str:
+def describe_trial(row: dict | None, space: list[str]) -> str:
     if row is None:
         return "none completed"
     return ", ".join(f"{path.rpartition('.')[2]} {row[path]:.3g}" for path in space)
@@ -99,8 +100,8 @@ def main() -> None:
         data_url = f"s3://{env['VITAE_DATA_BUCKET']}/digits"
         prepare("digits", data_url, PrepOptions(shard_max_samples=300,
                                                 source=SourceOptions(digits_size=args.digits_size)), progress=False)
-        sweep, asha = run_sweep("asha", True, args, data_url, env["VITAE_CHECKPOINT_BUCKET"])
-        _, fifo = run_sweep("to-completion", False, args, data_url, env["VITAE_CHECKPOINT_BUCKET"])
+        sweep, asha = measure_sweep("asha", True, args, data_url, env["VITAE_CHECKPOINT_BUCKET"])
+        _, fifo = measure_sweep("to-completion", False, args, data_url, env["VITAE_CHECKPOINT_BUCKET"])
 
     space = list(sweep.config.search.space)
     same_trials = sorted(configuration(row, space) for row in asha.trials) == sorted(
@@ -113,7 +114,7 @@ def main() -> None:
                            ("every trial to completion", fifo)):
         stopped = sum(row["status"] == "stopped early" for row in outcome.trials)
         rows.append((label, f"{outcome.wall_s:.0f}", f"{outcome.load:.1f}", str(outcome.trial_epochs), str(stopped),
-                     describe(outcome.best, space), f"{outcome.best['val_top1']:.2%}" if outcome.best else "-"))
+                     describe_trial(outcome.best, space), f"{outcome.best['val_top1']:.2%}" if outcome.best else "-"))
     print_table(f"\ndigits sweep ({CONFIG.name}: its search space, seed {sweep.config.search.seed}), {args.samples} "
                 f"trials of up to {args.epochs} epochs, vitae_t @ {args.digits_size} px, {args.workers_per_trial} "
                 f"worker(s) per trial, {args.concurrent} trial(s) at a time", rows,

@@ -1,17 +1,6 @@
-"""`vitae quickstart`: the whole pipeline, end to end, on the embedded local stack.
-
-1. start (or reuse) the embedded stack (S3, MLflow, Ray head) and point this process at it;
-2. prepare scikit-learn's digits at 32 px into the stack's data bucket (nothing is re-uploaded
-   when it is already there);
-3. run the digits sweep (`configs/digits_sweep.yaml`: trials over mlp_ratio / depth / learning
-   rate, 2 Ray Train workers each, ASHA early stopping), which registers its best trial as
-   `@challenger`;
-4. promote it: challenger and current `@champion` are evaluated on the test split, the champion
-   alias moves only if the challenger is better;
-5. print the champion's test accuracy and where to look.
-
-Each run is a new sweep (named after the time it started); running it again reuses the stack and
-the dataset, and its best model becomes champion only if it beats the one before.
+"""`vitae quickstart`: the whole pipeline, end to end, on the embedded local stack: start (or reuse)
+it, prepare the digits data set, run the digits sweep (its best trial registered as @challenger)
+and promote it, then print the champion's test accuracy and where to look (docs/design/sweeps.md).
 """
 
 from __future__ import annotations
@@ -19,6 +8,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+
+from cluster.stack import Stack
+from data_prep.prep import PrepOptions, prepare
+from data_prep.sources import SourceOptions
+from pipelines.model_registry.champions import CHAMPION, alias_version
+from pipelines.model_registry.evaluation import evaluate_model
+from pipelines.tuning.config import load_sweep
 
 DIGITS_SIZE = 32
 SHARD_MAX_SAMPLES = 300  # several shards per split, so that workers stream in parallel
@@ -32,9 +28,9 @@ def quickstart_command(args: argparse.Namespace) -> int:
     sweep = load_quickstart_sweep(args.config, args.overrides, dataset_url, env["VITAE_CHECKPOINT_BUCKET"])
     step(f"3/4 sweep {sweep.name}: {sweep.config.search.num_samples} trials, registered as "
          f"{sweep.config.registry.model_name}@challenger, then promoted (4/4)")
-    from pipelines.tuning.driver import launch
+    from pipelines.tuning.driver import run_sweep  # imports ray: only once start_stack has set its environment
 
-    status = launch(sweep, resume=False)
+    status = run_sweep(sweep, resume=False)
     if status:
         return status
     summarize(sweep.config.registry.model_name, dataset_url, env, Path(args.dir), time.monotonic() - started)
@@ -48,10 +44,9 @@ def step(message: str) -> None:
 def start_stack(directory: Path) -> dict[str, str]:
     """Start or reuse the stack; this process (and what it starts) uses its addresses from now on.
 
-    Ray reads its authentication settings when imported, so nothing may import ray before this.
+    Ray reads its authentication settings when imported, so nothing may import ray before this
+    (this module imports the sweep's driver only once this has run).
     """
-    from cluster.stack import Stack
-
     step(f"1/4 embedded stack in {directory}")
     stack = Stack(directory)
     for status in stack.up({}):
@@ -60,9 +55,6 @@ def start_stack(directory: Path) -> dict[str, str]:
 
 
 def prepare_digits(dataset_url: str) -> None:
-    from data_prep.prep import PrepOptions, prepare
-    from data_prep.sources import SourceOptions
-
     step(f"2/4 digits data set -> {dataset_url}")
     summary = prepare("digits", dataset_url, PrepOptions(shard_max_samples=SHARD_MAX_SAMPLES,
                                                          source=SourceOptions(digits_size=DIGITS_SIZE)))
@@ -71,8 +63,6 @@ def prepare_digits(dataset_url: str) -> None:
 
 
 def load_quickstart_sweep(config: str, overrides: list[str], dataset_url: str, checkpoint_bucket: str):
-    from pipelines.tuning.config import load_sweep
-
     return load_sweep(config, [
         f"name=quickstart-{time.strftime('%Y%m%d-%H%M%S')}",
         f"overrides.data.url={dataset_url}",
@@ -83,9 +73,6 @@ def load_quickstart_sweep(config: str, overrides: list[str], dataset_url: str, c
 
 
 def summarize(model_name: str, dataset_url: str, env: dict[str, str], directory: Path, elapsed_s: float) -> None:
-    from pipelines.model_registry.evaluation import evaluate_model
-    from pipelines.model_registry.champions import CHAMPION, alias_version
-
     champion = alias_version(model_name, CHAMPION)
     uri = f"models:/{model_name}@{CHAMPION}"
     metrics = evaluate_model(uri, dataset_url, "test")

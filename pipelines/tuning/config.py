@@ -1,25 +1,8 @@
 """The typed configuration of a hyperparameter sweep (`vitae tune`): the training config its trials
 start from, what is searched and how, early stopping, what each trial runs on, and what becomes of
-the best trial in the model registry. Conventions as in `train_config`: YAML with `--set a.b=c`
-overrides; unknown keys and bad values (a float that is not finite, a size past its bound) are
-one-line errors naming the field.
-
-    name: digits-sweep              # the Tune experiment; each trial trains run `<name>-<trial id>`
-    base: digits_vitae_t.yaml       # the trials' training config: a file (relative to this one) or inline
-    overrides: {schedule.epochs: 8} # applied to `base`, as `vitae train --set` would
-    search:
-      algorithm: random             # or optuna (TPE)
-      num_samples: 4
-      space:                        # any training-config field, by its dotted path
-        model.depth: {kind: choice, values: [2, 4]}
-        optim.lr: {kind: loguniform, low: 1.0e-3, high: 1.0e-2}
-    asha: {grace_period: 2, reduction_factor: 2}   # max_t: schedule.epochs
-    trial: {num_workers: 2, gpus_per_worker: 0}
-    registry: {model_name: vitae-digits, promote: false}
-
-The base config is resolved and validated as a `TrainConfig` when the sweep is loaded, and so is
-every searched value at the edges of its range: a typo'd path or an impossible value fails here,
-before the cluster is used. A trial's config is the base plus its sampled values (`trial_config`).
+the best trial in the model registry; validated (base and searched values) when loaded. The format,
+with an example: docs/design/sweeps.md. Loading a sweep does not import Ray, so the quickstart
+and the sweep benchmark load one before Ray's settings are in the environment.
 """
 
 from __future__ import annotations
@@ -71,7 +54,7 @@ class Choice(_Section):
         return list(self.values)
 
     def to_tune(self):
-        from ray import tune
+        from ray import tune  # only when a Tuner is built (see the module docstring)
 
         return tune.choice(list(self.values))
 
@@ -94,7 +77,7 @@ class Uniform(_Range):
     kind: Literal["uniform"]
 
     def to_tune(self):
-        from ray import tune
+        from ray import tune  # only when a Tuner is built (see the module docstring)
 
         return tune.uniform(self.low, self.high)
 
@@ -104,7 +87,7 @@ class LogUniform(_Range):
     low: float = Field(gt=0.0)
 
     def to_tune(self):
-        from ray import tune
+        from ray import tune  # only when a Tuner is built (see the module docstring)
 
         return tune.loguniform(self.low, self.high)
 
@@ -120,7 +103,7 @@ class RandInt(_Range):
         return [self.low, self.high - 1]
 
     def to_tune(self):
-        from ray import tune
+        from ray import tune  # only when a Tuner is built (see the module docstring)
 
         return tune.randint(self.low, self.high)
 
@@ -137,7 +120,7 @@ def default_space() -> dict[str, Distribution]:
     }
 
 
-class SearchConfig(_Section):
+class SearchSettings(_Section):
     algorithm: Literal["random", "optuna"] = "random"  # random sampling, or Optuna's TPE
     num_samples: int = Field(8, ge=1, le=MAX_SAMPLES)  # trials
     seed: int | None = Field(0, ge=0, le=MAX_SEED)  # of the sampler (None: a different sweep every time)
@@ -151,7 +134,7 @@ class SearchConfig(_Section):
         return dict(_distribution_paths(value)) if isinstance(value, Mapping) else value
 
 
-class AshaConfig(_Section):
+class AshaSettings(_Section):
     """Asynchronous successive halving on validation top-1, in epochs (max_t: schedule.epochs)."""
 
     enabled: bool = True  # False: every trial runs all its epochs
@@ -165,7 +148,7 @@ class TrialResources(_Section):
     driver_cpus: float = Field(1.0, ge=0.0)  # the trial's own driver, which runs TorchTrainer.fit
 
 
-class RegistryConfig(_Section):
+class RegistrySettings(_Section):
     model_name: str | None = None  # register the best trial as a new version, @challenger (None: don't)
     promote: bool = False  # then evaluate it against @champion and promote it if it is better
     split: str = "test"  # the split both are evaluated on
@@ -174,7 +157,7 @@ class RegistryConfig(_Section):
     lock_url: str | None = None  # the promotion lease, s3://bucket/key (None: promote's default)
 
     @model_validator(mode="after")
-    def _promotes_a_registered_model(self) -> RegistryConfig:
+    def _promotes_a_registered_model(self) -> RegistrySettings:
         if self.promote and not self.model_name:
             raise ValueError("promote needs registry.model_name")
         return self
@@ -184,11 +167,11 @@ class SweepConfig(_Section):
     name: str
     base: str | dict[str, Any]  # a training config file (relative to the sweep file) or inline
     overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys (or nested sections) -> values
-    search: SearchConfig = Field(default_factory=SearchConfig)
-    asha: AshaConfig = Field(default_factory=AshaConfig)
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    asha: AshaSettings = Field(default_factory=AshaSettings)
     trial: TrialResources = Field(default_factory=TrialResources)
     max_concurrent_trials: int | None = Field(None, ge=1)  # an upper bound on what the cluster allows
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @field_validator("name")
     @classmethod

@@ -1,41 +1,7 @@
 """`vitae tune` and `python -m pipelines.tune` (the `ray job submit` entrypoint): a hyperparameter
-sweep of training runs with Ray Tune, tracked in MLflow, its best trial registered.
-
-A trial is `run_trial` on a Tune trial actor: the sweep's base training config with the trial's
-sampled values, as run `<sweep>-<trial id>`, fitted by `pipelines.training.driver.fit` (a Ray Train
-TorchTrainer) with Tune's `TuneReportCallback`, so each epoch's metrics reach Tune (the last epoch's
-once the run has logged its model, see `run_trial`). ASHA stops weak trials on `val_top1`; its time
-unit is the reported `epoch`, so a resumed trial is compared where it left off. Random search by
-default, Optuna's TPE as an option.
-
-Concurrency: Ray Train places a trial's workers outside the trial's own placement group, so Tune,
-which only sees the trial drivers, would start trials whose workers never fit and wait forever.
-`max_concurrent_trials` is derived instead from what the cluster can hold
-(`ray_connect.cluster_capacity`: an autoscaler's maximum, else the nodes alive): a trial occupies its
-driver's CPUs plus `num_workers` times the resources per worker; for each resource, the cluster
-holds `floor(total / per trial)` trials; the smallest of these, at most `num_samples` (and the
-config's `max_concurrent_trials`), is used and the derivation printed; a trial that does not fit
-at all is refused (`ray_connect.require_resources`).
-
-Resuming (`--resume`): `Tuner.restore` reloads the experiment (trials, searcher, ASHA's rungs) from
-the checkpoint storage. Finished trials stay finished; unfinished and errored trials start again
-with their trial ids, so their Ray Train runs (same names, same storage) resume from their latest
-checkpoints and re-attach their MLflow runs. The sweep's MLflow run is the latest of its name. The
-concurrency limit is the one the sweep started with (Tune restores its search algorithm). A new sweep
-whose name exists in the storage is refused, and so is resuming one that does not exist.
-
-Interrupting (SIGINT, Ctrl+C): Tune stops its trials, saves the experiment and returns, with the
-stopped trials marked TERMINATED like finished ones. A trial has ended only when its last result
-says `done` (it ran all its epochs or ASHA stopped it) or it failed; a sweep with fewer ended trials
-than `num_samples` was interrupted: it registers nothing, exits 130 and prints the `vitae tune ...
---resume` command that continues it, in place of Tune's `Tuner.restore(...)` hint.
-
-At the end the trial table (`trials.csv`) and a figure of the last validation top-1 against each
-searched parameter (`trials.png`) go to the sweep's MLflow run; the best trial that ran all its
-epochs is registered as a new version of `registry.model_name` with the alias @challenger and, with
-`registry.promote`, evaluated against @champion (`pipelines.promote`).
-
-    ray job submit -- python -m pipelines.tune --config configs/digits_sweep.yaml
+sweep of training runs with Ray Tune (each trial a Ray Train run, `run_trial`), as many at once as
+the cluster holds, tracked in MLflow, resumable and interruptible, its best trial registered and
+optionally promoted (docs/design/sweeps.md).
 """
 
 from __future__ import annotations
@@ -47,14 +13,27 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
+import pandas
+from ray import tune
+from ray.tune.execution.class_cache import ENV_VARS_TO_PROPAGATE
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+from cluster.credentials import CREDENTIAL_VARIABLES
+from data_prep.dataset import PreparedDataset
 from infra.errors import INTERRUPTED_EXIT, UserError
-
-if TYPE_CHECKING:  # imported by the handlers: `vitae --help` stays fast
-    from pipelines.training.run_storage import RunStorage
-    from pipelines.tuning.config import Sweep
-    from pipelines.tracking.sweep_run import SweepRun
+from pipelines.model_registry import champions
+from pipelines.model_registry.promotion import promote_registered
+from pipelines.tracking import plots
+from pipelines.tracking.runs import MODEL_URI_TAG
+from pipelines.tracking.sweep_run import SweepRun
+from pipelines.training.driver import check_dataset, fit, scaling_config
+from pipelines.training.ray_cluster import cluster_capacity, connect_to_ray, describe_resources, require_resources
+from pipelines.training.run_storage import RunStorage
+from pipelines.tuning.config import LogUniform, Sweep, load_sweep, trial_config, trial_run_name
 
 METRIC, MODE = "val_top1", "max"  # what the sweep optimises and ASHA compares
 REGISTERED_TAG = "vitae.registered_version"  # on the sweep's run: "<model>/<version>", registered once
@@ -63,17 +42,11 @@ TUNE_RESTORE_HINT = "Tuner.restore("  # in the warning Tune ends an interrupted 
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from pipelines.tuning.config import load_sweep
-
-    return launch(load_sweep(args.config, args.overrides), resume=args.resume)
+    return run_sweep(load_sweep(args.config, args.overrides), resume=args.resume)
 
 
-def launch(sweep: Sweep, resume: bool) -> int:
+def run_sweep(sweep: Sweep, resume: bool) -> int:
     """Run (or resume) the sweep; 130 when it was interrupted, 1 when a trial failed or none completed, else 0."""
-    from pipelines.training.ray_cluster import cluster_capacity, connect_to_ray, require_resources
-    from pipelines.training.run_storage import RunStorage
-    from pipelines.training.driver import check_dataset
-
     check_dataset(sweep.base)
     storage = RunStorage.open(sweep.base.checkpoint.storage_path)
     check_experiment(sweep, storage, resume)
@@ -84,7 +57,7 @@ def launch(sweep: Sweep, resume: bool) -> int:
                       "(trial.num_workers, trial.driver_cpus) or a larger cluster")
     concurrency = derive_concurrency(capacity.resources, trial_resources(sweep), sweep.config.search.num_samples,
                                      sweep.config.max_concurrent_trials)
-    print(describe(sweep), concurrency.explanation, sep="\n", flush=True)
+    print(describe_sweep(sweep), concurrency.explanation, sep="\n", flush=True)
     print(f"checkpoints: {storage.run_url(sweep.name)} (the sweep), {storage.run_url(sweep.name)}-<trial id> "
           "(its trials' training runs)", flush=True)
     tracker = attach_sweep_run(sweep, concurrency, resume)
@@ -97,7 +70,7 @@ def launch(sweep: Sweep, resume: bool) -> int:
               file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT
     rows = trial_rows(sweep, results)
-    best = finish(sweep, tracker, rows)
+    best = finish_sweep(sweep, tracker, rows)
     failed = [row["trial_id"] for row in rows if row["status"] == "error"]
     if failed:  # as Tune's own `raise_on_failed_trial`: a sweep with failed trials did not succeed
         print(f"sweep {sweep.name}: {len(failed)} trial(s) failed ({', '.join(failed)}; their errors are above): "
@@ -112,17 +85,13 @@ def ended_trials(results) -> int:
 
 
 def without_tunes_restore_hint(record: logging.LogRecord) -> bool:
-    """Logging filter: `launch` prints the `vitae tune` command that continues a sweep instead."""
+    """Logging filter: `run_sweep` prints the `vitae tune` command that continues a sweep instead."""
     return TUNE_RESTORE_HINT not in record.getMessage()
 
 
 def warn_of_copied_credentials() -> None:
     """Ray Tune copies the sweep driver's credential variables into every trial's runtime env, and
     Ray's runtime env agent logs runtime envs in full on each node: say so, naming the variables."""
-    from ray.tune.execution.class_cache import ENV_VARS_TO_PROPAGATE
-
-    from cluster.credentials import CREDENTIAL_VARIABLES
-
     copied = sorted(name for name in ENV_VARS_TO_PROPAGATE if name in CREDENTIAL_VARIABLES and os.environ.get(name))
     if copied:
         print(f"warning: Ray Tune copies {', '.join(copied)} into every trial's runtime environment, which Ray "
@@ -132,9 +101,7 @@ def warn_of_copied_credentials() -> None:
 
 def check_experiment(sweep: Sweep, storage: RunStorage, resume: bool) -> None:
     """A new sweep must not exist yet; a resumed one must."""
-    from ray.tune import Tuner
-
-    exists = Tuner.can_restore(experiment_path(sweep, storage), storage_filesystem=storage.filesystem)
+    exists = tune.Tuner.can_restore(experiment_path(sweep, storage), storage_filesystem=storage.filesystem)
     if resume and not exists:
         raise UserError(f"no sweep {sweep.name} to resume in {storage.url}")
     if exists and not resume:
@@ -153,8 +120,6 @@ class Concurrency:
 
 def trial_resources(sweep: Sweep) -> dict[str, float]:
     """What one running trial occupies: its driver's CPUs and its Ray Train workers."""
-    from pipelines.training.driver import scaling_config
-
     resources = {"CPU": sweep.config.trial.driver_cpus}
     for name, amount in scaling_config(sweep.base).total_resources.items():
         resources[name] = resources.get(name, 0.0) + amount
@@ -164,9 +129,7 @@ def trial_resources(sweep: Sweep) -> dict[str, float]:
 def derive_concurrency(cluster: Mapping[str, float], per_trial: Mapping[str, float], num_samples: int,
                        cap: int | None = None) -> Concurrency:
     """How many trials can run at once with every trial's workers placed (at least one trial fits:
-    `ray_connect.require_resources`)."""
-    from pipelines.training.ray_cluster import describe_resources
-
+    `ray_cluster.require_resources`)."""
     needed = {name: amount for name, amount in per_trial.items() if amount > 0}
     fits = {name: math.floor(cluster.get(name, 0.0) / amount + 1e-9) for name, amount in needed.items()}
     limits = {f"{name}: {_number(cluster[name])} // {_number(needed[name])}": count for name, count in fits.items()}
@@ -180,7 +143,7 @@ def derive_concurrency(cluster: Mapping[str, float], per_trial: Mapping[str, flo
                                f"{trials} trial(s) at a time ({'; '.join(binding)})")
 
 
-def describe(sweep: Sweep) -> str:
+def describe_sweep(sweep: Sweep) -> str:
     config = sweep.config
     stopping = (f"ASHA on val_top1 (max_t {sweep.max_t} epochs, grace {config.asha.grace_period}, "
                 f"reduction {config.asha.reduction_factor:g})" if config.asha.enabled else "no early stopping")
@@ -190,9 +153,6 @@ def describe(sweep: Sweep) -> str:
 
 def attach_sweep_run(sweep: Sweep, concurrency: Concurrency, resume: bool) -> SweepRun:
     """The sweep's MLflow run (a resumed sweep's own), with the search space and settings as params."""
-    from pipelines.training.ray_cluster import describe_resources
-    from pipelines.tracking.sweep_run import SweepRun
-
     config = sweep.config
     params = {
         **{f"search.{path}": distribution.model_dump_json() for path, distribution in config.search.space.items()},
@@ -214,8 +174,6 @@ def attach_sweep_run(sweep: Sweep, concurrency: Concurrency, resume: bool) -> Sw
 
 
 def build_tuner(sweep: Sweep, storage: RunStorage, parent_run_id: str, concurrency: Concurrency, resume: bool):
-    from ray import tune
-
     nested = sweep.base.mlflow.model_copy(update={"parent_run_id": parent_run_id})
     base = sweep.base.model_copy(update={"mlflow": nested})
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json")),
@@ -237,11 +195,9 @@ def build_tuner(sweep: Sweep, storage: RunStorage, parent_run_id: str, concurren
 def searcher(sweep: Sweep, max_concurrent: int):
     """The search algorithm, holding at most `max_concurrent` trials running (Tune's own
     `max_concurrent_trials` is ignored for a search generator such as random search)."""
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
     search = sweep.config.search
     if search.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import OptunaSearch  # optuna: only for `search.algorithm: optuna`
 
         return ConcurrencyLimiter(OptunaSearch(seed=search.seed), max_concurrent=max_concurrent)  # TPE sampling
     return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=search.seed)
@@ -250,8 +206,6 @@ def searcher(sweep: Sweep, max_concurrent: int):
 def scheduler(sweep: Sweep):
     if not sweep.config.asha.enabled:
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     asha = sweep.config.asha
     return ASHAScheduler(time_attr="epoch", max_t=sweep.max_t, grace_period=asha.grace_period,
                          reduction_factor=asha.reduction_factor)
@@ -268,12 +222,6 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any]) -> None:
     Tune stops a trial as soon as it reports its last epoch (ASHA's max_t), which would end the
     training run before it logs its model: the last epoch is reported here, once `fit` returned.
     """
-    from ray import tune
-
-    from pipelines.training.run_storage import RunStorage
-    from pipelines.tuning.config import trial_config, trial_run_name
-    from pipelines.training.driver import fit
-
     config = trial_config(base, sampled, trial_run_name(base["name"], tune.get_context().get_trial_id()))
     result = fit(config, RunStorage.open(config.checkpoint.storage_path),
                  callbacks=[epochs_to_tune(config.schedule.epochs)])
@@ -283,8 +231,6 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any]) -> None:
 
 def epochs_to_tune(epochs: int):
     """Ray Train callback: every epoch's metrics but the last to Tune (`TuneReportCallback`)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     class EpochsBeforeTheLast(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics[0]["epoch"] < epochs:
@@ -295,8 +241,6 @@ def epochs_to_tune(epochs: int):
 
 def trial_rows(sweep: Sweep, results) -> list[dict[str, Any]]:
     """One row per trial: id, training run, sampled values, epochs run, last metrics, how it ended."""
-    from pipelines.tuning.config import trial_run_name
-
     rows = []
     for result in results:
         trial_id = Path(result.path).name
@@ -315,10 +259,8 @@ def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(completed, key=lambda row: row["val_top1"], default=None)
 
 
-def finish(sweep: Sweep, tracker: SweepRun, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def finish_sweep(sweep: Sweep, tracker: SweepRun, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The trials to the sweep's run; the best registered (and promoted) and returned."""
-    import pandas
-
     best = best_trial(rows)
     print(pandas.DataFrame(rows).to_string(index=False))
     log_trials(sweep, tracker, rows, best)
@@ -334,9 +276,6 @@ def finish(sweep: Sweep, tracker: SweepRun, rows: list[dict[str, Any]]) -> dict[
 
 def log_trials(sweep: Sweep, tracker: SweepRun, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
     """Table, figure, counts and best trial to the sweep's run; the runs of trials stopped early end KILLED."""
-    from pipelines.tracking import plots
-    from pipelines.tuning.config import LogUniform
-
     stopped = tracker.end_running_children()
     if stopped:
         print(f"MLflow runs of trials stopped early, marked KILLED: {', '.join(stopped)}")
@@ -352,9 +291,6 @@ def log_trials(sweep: Sweep, tracker: SweepRun, rows: list[dict[str, Any]], best
 
 def register_best(sweep: Sweep, tracker: SweepRun, best: dict[str, Any]) -> None:
     """The best trial's model as a new @challenger version, once per sweep; then promotion if configured."""
-    from pipelines.model_registry import champions
-    from pipelines.tracking.runs import MODEL_URI_TAG
-
     model_name = sweep.config.registry.model_name
     if model_name is None:
         return
@@ -376,9 +312,6 @@ def register_best(sweep: Sweep, tracker: SweepRun, best: dict[str, Any]) -> None
 
 
 def registration_tags(sweep: Sweep, tracker: SweepRun, best: dict[str, Any], run) -> dict[str, Any]:
-    from data_prep.dataset import PreparedDataset
-    from pipelines.model_registry import champions
-
     config = sweep.trial_config(best["trial_id"], {path: best[path] for path in sweep.config.search.space})
     return {
         "trial_id": best["trial_id"], "sweep_run_id": tracker.run_id, "training_run_id": run.info.run_id,
@@ -393,8 +326,6 @@ def registration_tags(sweep: Sweep, tracker: SweepRun, best: dict[str, Any], run
 
 
 def promote(sweep: Sweep, tracker: SweepRun, version: str) -> None:
-    from pipelines.model_registry.promotion import promote_registered  # the evaluation stack: only when promoting
-
     settings = sweep.config.registry
     outcome = promote_registered(settings.model_name, sweep.base.data.url, split=settings.split, version=version,
                                  margin=settings.margin, metric=settings.metric, lock_url=settings.lock_url,
