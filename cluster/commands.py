@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from cluster.stack import Stack
+
+
 def _print_services(statuses) -> None:
     for status in statuses:
         pid = f"pid {status.pid}" if status.pid else ""
@@ -12,8 +15,6 @@ def _print_services(statuses) -> None:
 
 
 def stack_up(args: argparse.Namespace) -> int:
-    from cluster.stack import Stack
-
     stack = Stack(args.dir)
     requested = {
         key: getattr(args, key)
@@ -32,8 +33,6 @@ def stack_up(args: argparse.Namespace) -> int:
 
 
 def stack_status(args: argparse.Namespace) -> int:
-    from cluster.stack import Stack
-
     stack = Stack(args.dir)
     statuses = stack.status()
     print(f"vitae stack in {stack.directory}")
@@ -42,8 +41,6 @@ def stack_status(args: argparse.Namespace) -> int:
 
 
 def stack_down(args: argparse.Namespace) -> int:
-    from cluster.stack import Stack
-
     stack = Stack(args.dir)
     statuses = stack.down()
     if not statuses:

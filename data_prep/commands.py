@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from data_prep.prep import PrepOptions, prepare
+from data_prep.sources import SourceOptions
+from data_prep.verify import verify_dataset
+
 
 def run_prep(args: argparse.Namespace) -> int:
-    from data_prep.prep import PrepOptions, prepare
-    from data_prep.sources import SourceOptions
-
     options = PrepOptions(
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
@@ -26,8 +27,6 @@ def run_prep(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from data_prep.verify import verify_dataset
-
     report = verify_dataset(args.dest)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
