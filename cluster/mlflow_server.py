@@ -1,9 +1,5 @@
-"""The embedded MLflow tracking server: `mlflow server` on loopback, sqlite backend, proxied artifacts.
-
-Everything lives under one home directory and survives restarts: `mlflow.db` (runs, registry) and
-`artifacts/` (served by the server itself: clients, Ray workers included, upload and download
-through `mlflow-artifacts:/` URIs and need no object-store credentials). The home is 0700 and the
-server runs with umask 077 (see `private_files`): the server has no authentication of its own.
+"""The embedded MLflow tracking server: `mlflow server` on loopback, sqlite backend, proxied
+artifacts, all under one private home directory that survives restarts (docs/design/stack.md).
 """
 
 from __future__ import annotations

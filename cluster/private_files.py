@@ -1,11 +1,6 @@
-"""Files and directories private to the user who runs the embedded services: 0600 and 0700.
-
-The embedded S3 and MLflow servers are unauthenticated, and what they and Ray keep on disk (runs,
-models, logs, keys) must not be readable by the machine's other users. What the stack writes itself
-is created private; the services run with `PRIVATE_UMASK`, so that what they create later
-(`mlflow.db`, artifacts, Ray's session files) is private too; `make_tree_private` fixes what an older
-version left behind. Ray makes its temp dir and session dirs 0777 whatever the umask
-(ray._common.utils.try_make_directory_shared), so a node's temp dir sits inside a private directory.
+"""Files and directories private to the user who runs the embedded services: 0600 and 0700, the
+services' umask, and `make_tree_private` for what an older version left behind
+(docs/design/stack.md).
 """
 
 from __future__ import annotations

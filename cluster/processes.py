@@ -1,10 +1,6 @@
-"""The service processes the stack starts: launching them detached, recognising them, stopping them.
-
-A process is recognised by its PID together with its start time and command line (psutil), so a
-PID that the system has since handed to an unrelated process is never signalled. Each service runs
-with umask 077 (see `private_files`), normally as the leader of its own session; stopping it stops
-that process group and every descendant that left the group (Ray gives each worker a process group
-of its own).
+"""The service processes the stack starts: launching them detached, recognising them (PID, start
+time and command line, through psutil), stopping them with their descendants
+(docs/design/stack.md).
 """
 
 from __future__ import annotations

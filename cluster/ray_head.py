@@ -1,25 +1,6 @@
 """The embedded Ray head (`ray start --head --block`, token authentication), and worker nodes that
-join it on the same machine.
-
-Loopback or multi-node. On Linux `ray start` replaces a loopback `--node-ip-address` with the
-machine's address and then binds its gRPC servers to 0.0.0.0. Ray's single-machine mode
-(`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the default on macOS) keeps the node address at 127.0.0.1,
-and every server binds there: that is how the stack's head runs. Clients need the same variable,
-set before `import ray`; otherwise `ray.init(address="127.0.0.1:PORT")` resolves 127.0.0.1 to the
-machine's address and cannot connect. Single-machine mode refuses other nodes, so a head that
-worker nodes join runs in Ray's normal multi-node mode on the machine's address (`machine_address`),
-and so do those nodes and their clients (`node_mode_env`).
-
-Token authentication. Every node runs with `RAY_AUTH_MODE=token` and `RAY_AUTH_TOKEN` set to a token
-generated for its cluster, and every client needs the same two variables (`ray_client_env`). Ray's
-own default, `~/.ray/auth_token`, is shared by every cluster of the user, so it is neither read nor
-written.
-
-Coexistence. Every port is chosen per node, including those with fixed defaults (dashboard 8265,
-client server 10001, agent 52365, metrics 44217/44227), and `--temp-dir` keeps the session files
-and `ray_current_cluster` apart from other clusters'; it is private to the user (Ray's own temp
-dir is one level down: `ray_session_root`). `ray stop` stops every Ray process on the
-machine, so a node is only ever stopped through its own process family (`processes.stop`).
+join it on the same machine: loopback or multi-node, a token per cluster, every port and the temp
+dir chosen per node (docs/design/stack.md).
 """
 
 from __future__ import annotations

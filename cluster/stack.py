@@ -1,19 +1,7 @@
-"""The embedded local stack: S3 (moto), MLflow server and Ray head as real processes on 127.0.0.1.
-
-A stack lives in one directory:
-
-    state.json   settings, generated credentials, ports, and the identity of every process started
-    stack.env    what a client sources: addresses, Ray auth, bucket names (mode 0600)
-    aws-credentials  the S3 key pair, for every client and Ray process (mode 0600; see
-                 cluster/credentials.py for why it is a file and not variables)
-    logs/        one log per service; logs/ray-session links to Ray's own session logs
-    mlflow/      the sqlite backend and the artifact store, kept across restarts
-
-`up` starts every service that is not running (one whose recorded process died starts again, on
-its previous port when that is free) and reuses the rest; `down` stops exactly the recorded
-processes. The S3 server keeps objects in memory: they are lost whenever it stops. Everything in
-the directory is private to the user (files 0600, directories 0700: see `private_files`), and so
-is the Ray head's temp dir.
+"""The embedded local stack: S3 (moto), MLflow server and Ray head as real processes on 127.0.0.1,
+kept in one private directory (state.json, stack.env, aws-credentials, logs/, mlflow/); `up`
+starts what is not running and reuses the rest, `down` stops exactly the recorded processes
+(docs/design/stack.md).
 """
 
 from __future__ import annotations
