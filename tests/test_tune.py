@@ -94,7 +94,7 @@ def write_sweep(path: Path, sweep: dict) -> Path:
     ("asha.grace_period=4", "asha.grace_period: 4 is more than the trials' schedule.epochs (3)"),
     ("overrides.model.depht=2", "base (inline, with overrides): invalid config: model.depht: unknown key"),
     ("serach.num_samples=2", "invalid sweep config: serach: unknown key"),
-    ("champions.promote=true", "promote needs champions.model_name"),
+    ("registry.promote=true", "promote needs registry.model_name"),
     # absurd values: refused at once
     ("search.space.optim.lr={kind: loguniform, low: 1.0e-3, high: .inf}",
      "search.space.optim.lr.loguniform.high: Input should be a finite number"),
@@ -108,7 +108,7 @@ def write_sweep(path: Path, sweep: dict) -> Path:
     ("search.seed=-1", "search.seed: Input should be greater than or equal to 0"),
     ("asha.reduction_factor=.inf", "asha.reduction_factor: Input should be a finite number"),
     ("trial.driver_cpus=.nan", "trial.driver_cpus: Input should be a finite number"),
-    ("champions.margin=.inf", "champions.margin: Input should be a finite number"),
+    ("registry.margin=.inf", "registry.margin: Input should be a finite number"),
 ])
 def test_a_bad_sweep_config_is_one_error_naming_the_field(tmp_path, override, message):
     path = write_sweep(tmp_path / "sweep.yaml", sweep_dict("bad", "s3://data/digits", "s3://ckpt/runs"))
