@@ -7,8 +7,13 @@ import argparse
 from pathlib import Path
 
 from infra.errors import UserError
-from pipelines.model_registry.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_LOADER_WORKERS
-from pipelines.model_registry.promotion import LOCK_BUCKET_ENV, LOCK_PREFIX, METRICS
+from pipelines.model_registry.options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LOADER_WORKERS,
+    LOCK_BUCKET_ENV,
+    LOCK_PREFIX,
+    METRICS,
+)
 
 QUICKSTART_SWEEP = Path(__file__).resolve().parents[2] / "configs" / "digits_sweep.yaml"
 
