@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-from mlflow import MlflowClient
 
 from benchmarks.environment import embedded_stack
 from benchmarks.report import print_table, timed
@@ -64,11 +63,12 @@ def plain_loop(config: TrainConfig) -> list[dict[str, float]]:
 def ray_job(config: TrainConfig) -> tuple[list[dict[str, float]], float, float]:
     """(per-epoch metrics as logged to MLflow, fit() seconds, seconds from fit() to the MLflow run)."""
     from pipelines.training.driver import fit  # imports ray: only inside `embedded_stack`
+    from pipelines.tracking.client import TrackingServer
 
     storage = RunStorage.open(config.checkpoint.storage_path)
     called_at = time.time()
     fit_s, result = timed(lambda: fit(config, storage))
-    client = MlflowClient()
+    client = TrackingServer.at().client()
     run = client.get_run(result.return_value["mlflow_run_id"])
     histories = {key: client.get_metric_history(run.info.run_id, key)
                  for key in ("epoch", "images_per_s", "epoch_time_s", *PHASES)}

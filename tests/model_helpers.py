@@ -18,7 +18,7 @@ from infra.s3 import make_client
 from data_prep.dataset import PreparedDataset
 from pipelines.training.validation import EvalTotals, evaluate
 from pipelines.training.input_pipeline import SplitShards, eval_loader, train_loader
-from pipelines.model_packaging import log_classifier
+from pipelines.tracking.model_logging import log_classifier
 from pipelines.training.optim import build_optimizer
 from pipelines.model_registry.champions import DATASET_URL_TAG, register_challenger
 from pipelines.training.config import TrainConfig

@@ -38,7 +38,7 @@ from infra.errors import UserError
 from pipelines.model_registry import champions
 from pipelines.training.train_state import STATE_NAME
 from pipelines.cli import build_parser
-from pipelines.model_registry.job_options import EvaluateOptions, PromoteOptions, resolve_options
+from pipelines.model_registry.options import EvaluateOptions, PromoteOptions, resolve_options
 from pipelines.tracking.runs import PARENT_RUN_TAG, RUN_NAME_TAG, SWEEP_NAME_TAG
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.train_helpers import prepare_dataset, ray_job, tiny_config, write_config

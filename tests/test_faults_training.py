@@ -12,7 +12,7 @@ server of its own (the session's is shared by the whole suite and must stay up).
     the job is submitted again under the same run name: it resumes after epoch 3, sends epoch 3's
     metrics from the checkpoint, and trains the last epoch.
 
-Meanwhile a `RunTracker` in this process, attached before the outage, logs an epoch during it and
+Meanwhile a `TrainingRun` in this process, attached before the outage, logs an epoch during it and
 one after it: the first is held back and sent with the second.
 """
 
@@ -33,7 +33,8 @@ import torch
 from mlflow import MlflowClient
 
 from infra import object_store
-from pipelines.tracking.runs import MODEL_URI_TAG, RUN_NAME_TAG, RunTracker
+from pipelines.tracking.runs import MODEL_URI_TAG, RUN_NAME_TAG
+from pipelines.tracking.training_run import TrainingRun
 from tests.conftest import RAY_AUTH_TOKEN, TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.train_helpers import (
     ANSI_COLOUR,
@@ -155,7 +156,7 @@ def run_scenario(config_path: Path, storage_url: str, tracking_server: OwnMlflow
     from ray.job_submission import JobSubmissionClient
 
     jobs = JobSubmissionClient()
-    probe = RunTracker.attach("probe", EXPERIMENT, tracking_server.server.uri, None, {"probe": 1}, "probe: 1\n")
+    probe = TrainingRun.attach("probe", EXPERIMENT, tracking_server.server.uri, None, {"probe": 1}, "probe: 1\n")
     timeline = Timeline()
     first = f"faults-{uuid.uuid4().hex[:8]}"
     ray_job("submit", "--no-wait", "--submission-id", first, "--", *train_entrypoint(config_path))
