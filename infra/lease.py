@@ -1,17 +1,5 @@
-"""A lease on an object-storage key: mutual exclusion between processes on any machine.
-
-Acquiring creates the key with an S3 conditional write (`If-None-Match: *`), so exactly one
-contender succeeds. The object's metadata names the holder (host, process id and that process's
-start time) and when the lease expires. Held as a context manager, the lease is renewed in the
-background every third of its TTL by a conditional overwrite (`If-Match` on our ETag): a lease
-that was broken meanwhile is never silently taken again; the holder learns it from `check()` and
-when the block ends. So the TTL stays short (a minute) however long the lease is held.
-
-A waiting contender breaks the lease at once when its holder is a dead process on the same host
-(psutil), else when it has expired; meanwhile it says who holds it (once, then every
-`REPORT_EVERY_S`). `timeout_s=0` refuses at once, naming the holder. Releasing deletes the key only
-while it is still ours (`If-Match`). The registry uses it to serialise promotions of one model.
-"""
+"""A lease on an object-storage key: mutual exclusion between processes on any machine, renewed
+while held, broken when its holder is gone (how and why: docs/design/s3.md, "The lease")."""
 
 from __future__ import annotations
 

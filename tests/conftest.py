@@ -48,6 +48,17 @@ os.environ.update(ray_auth_env(RAY_AUTH_TOKEN))
 os.environ.update(SINGLE_MACHINE_ENV)
 
 
+SERVICE_FIXTURES = {"service_homes", "s3_service", "s3_endpoint", "mlflow_service", "mlflow_server", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses one of the session's services (directly or through another fixture) is
+    marked `services`; modules that start services of their own carry the mark themselves."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+
+
 @contextlib.contextmanager
 def _environ(values: Mapping[str, str], unset: tuple[str, ...] = ()) -> Iterator[None]:
     """Set `values` and remove `unset` in os.environ; put back what was there before on exit."""

@@ -1,0 +1,295 @@
+"""The training job on a cluster of two Ray nodes on this machine, one worker per node, surviving
+the loss of a node.
+
+The session's head runs in Ray's single-machine mode, which refuses other nodes, so this module
+starts its own cluster in multi-node mode on the machine's address: a head and a worker node (two
+raylets, 2 logical CPUs each), token authentication, every port its own. The test process imported
+Ray in single-machine mode, so it drives the cluster through the `ray` CLI in subprocesses.
+
+One scenario serves every assertion: the job (2 workers, STRICT_SPREAD, checkpoints in S3) is
+submitted with `ray job submit`; once its first checkpoint is registered the worker node is killed
+(its whole process family at once, as a machine failure would), and a new worker node joins a few
+seconds later. STRICT_SPREAD cannot place two workers on one node, so Ray Train's restart of the
+worker group (FailureConfig.max_failures) waits for it, then resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+# written once a checkpoint is registered
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+from cluster.net import free_ports
+from cluster.ray_head import (
+    PORT_NAMES,
+    WORKER_NODE_PORT_NAMES,
+    RayNode,
+    machine_address,
+    ray_client_env,
+    ray_temp_dir,
+    start_ray_head,
+    start_ray_worker_node,
+)
+from infra import object_store
+from data_prep.dataset import PreparedDataset, shard_name_of
+from pipelines.training.run_storage import RunStorage
+from pipelines.training.sharding import steps_per_epoch
+from pipelines.tracking.runs import RUN_NAME_TAG
+from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.support.train_helpers import prepare_dataset, ray_job, tiny_config, train_entrypoint, write_config
+
+pytestmark = pytest.mark.timeout(480)
+
+RUN_NAME = "digits-two-nodes"
+EPOCHS = 3
+BATCH_SIZE = 32
+WORKERS = 2
+CPUS_PER_NODE = 2
+WORKER_NODE_RESOURCES = {"worker_node": 1}
+REJOIN_AFTER_S = 3
+# Ray prefixes a worker's lines with "(RayTrainWorker pid=N)"; the controller lists each group it starts.
+WORKER_PID = re.compile(r"\(RayTrainWorker pid=(\d+)")
+GROUP_MEMBER = re.compile(r"\(ip=[^,]+, pid=(\d+)\) world_rank=(\d+)")
+READS = re.compile(r"epoch (\d+)/\d+: rank (\d+) on node (\w+) reads (\d+) samples from \d+ shards: (.*)")
+RANGE = re.compile(r"(\S+)\[(\d+):(\d+)\]")
+EPOCH_END = re.compile(r"epoch (\d+)/\d+  train_loss")
+RESTORED = re.compile(r"\(RayTrainWorker pid=(\d+).* restored the checkpoint after epoch (\d+) ")
+
+
+@dataclass
+class LogLine:
+    at: float  # time.monotonic() when it arrived
+    text: str
+
+
+class JobLogs:
+    """`ray job logs --follow` of one job in the background, each line stamped as it arrives."""
+
+    def __init__(self, submission_id: str, env: dict[str, str]):
+        self.lines: list[LogLine] = []
+        self.process = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "job", "logs", "--follow",
+                                         submission_id], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(LogLine(time.monotonic(), line.rstrip("\n")))
+
+    def wait_until_finished(self, timeout_s: float) -> None:
+        self.process.wait(timeout=timeout_s)  # --follow ends with the job
+        self.reader.join(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class Scenario:
+    config_raw: dict
+    data_url: str
+    storage_url: str
+    temp_dirs: list[Path]  # each node's, the head's first
+    auth_token: str
+    submission_id: str
+    logs: list[LogLine]
+    nodes: list[dict]  # `ray list nodes`: the head, the worker node before the kill, after it
+    worker_node_ids: tuple[str, str]  # the worker node's id before the kill, then after it rejoined
+    times: dict[str, float]  # time.monotonic() of each step, from "start"
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line.text for line in self.logs)
+
+    def worker_groups(self) -> list[set[int]]:
+        """The worker processes (PIDs) of each worker group Ray Train started, in order."""
+        members = [int(pid) for pid, _ in GROUP_MEMBER.findall(self.text)]
+        return [set(members[start:start + WORKERS]) for start in range(0, len(members), WORKERS)]
+
+    def reads(self) -> list[tuple[int, re.Match]]:
+        """The per-epoch reading lines, with the PID of the worker that logged each."""
+        return [(int(WORKER_PID.search(line.text)[1]), match) for line in self.logs
+                if (match := READS.search(line.text))]
+
+    @property
+    def mlflow_run(self):
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name(self.config_raw["mlflow"]["experiment"])
+        runs = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`{RUN_NAME_TAG}` = '{RUN_NAME}'")
+        assert len(runs) == 1, [run.info.run_id for run in runs]
+        return runs[0]
+
+
+def wait_for_object(bucket: str, key: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while object_store.shared_store(bucket).head(key) is None:
+        assert time.monotonic() < deadline, f"no s3://{bucket}/{key} within {timeout_s:.0f}s"
+        time.sleep(0.2)
+
+
+def list_nodes(env: dict[str, str]) -> list[dict]:
+    done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "list", "nodes", "--format", "json"],
+                          env=env, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def scenario(s3_endpoint, mlflow_server, tmp_path_factory) -> Scenario:
+    times = {"start": time.monotonic()}
+    object_store._CLIENTS.clear()  # clients of this session's S3 server only
+    home = tmp_path_factory.mktemp("multinode")
+    data_bucket, checkpoint_bucket = f"mn-data-{uuid.uuid4().hex[:8]}", f"mn-ckpt-{uuid.uuid4().hex[:8]}"
+    for bucket in (data_bucket, checkpoint_bucket):
+        object_store.make_client().create_bucket(Bucket=bucket)
+    storage_url = f"s3://{checkpoint_bucket}/runs"
+
+    token, host = secrets.token_hex(32), machine_address()
+    temp_dirs = [ray_temp_dir(home / "head")]
+    nodes: list[RayNode] = []
+
+    def join_worker_node() -> None:
+        # a node of its own directory: a new node's log monitor would publish the old one's logs again
+        temp_dirs.append(ray_temp_dir(home / f"worker-{len(nodes)}"))
+        ports = dict(zip(WORKER_NODE_PORT_NAMES, free_ports(len(WORKER_NODE_PORT_NAMES))))
+        nodes.append(start_ray_worker_node(nodes[0].gcs_address, ports, CPUS_PER_NODE, WORKER_NODE_RESOURCES,
+                                           token, temp_dirs[-1], home / "worker.log"))
+
+    logs = None
+    try:
+        with ThreadPoolExecutor(1) as pool:  # the dataset is written while the cluster starts
+            prepared = pool.submit(prepare_dataset, "digits", f"s3://{data_bucket}/digits16", shard_max_samples=170,
+                                   digits_size=16)
+            nodes.append(start_ray_head(dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)))), CPUS_PER_NODE, token,
+                                        temp_dirs[0], home / "head.log", host=host))
+            join_worker_node()
+            times["cluster up"] = time.monotonic()
+            data_url = prepared.result()
+        raw = tiny_config(RUN_NAME, data_url, storage_url, data={"loader_workers": 0}, mlflow={"log_model": False},
+                          schedule={"epochs": EPOCHS, "warmup_epochs": 0.5}, checkpoint={"max_failures": 3},
+                          scaling={"num_workers": WORKERS, "placement_strategy": "STRICT_SPREAD"})
+        config_path = write_config(home / "digits.yaml", raw)
+        env = {**os.environ, **ray_client_env(nodes[0].ports, token, host)}
+        submission_id = f"train-{uuid.uuid4().hex[:8]}"
+        ray_job("submit", "--no-wait", "--submission-id", submission_id, "--", *train_entrypoint(config_path),
+                env=env)
+        times["submitted"] = time.monotonic()
+        logs = JobLogs(submission_id, env)
+
+        wait_for_object(checkpoint_bucket, f"runs/{RUN_NAME}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}", 240)
+        times["first checkpoint"] = time.monotonic()
+        nodes[1].kill()
+        times["worker node killed"] = time.monotonic()
+        time.sleep(REJOIN_AFTER_S)
+        join_worker_node()
+        times["worker node rejoined"] = time.monotonic()
+
+        logs.wait_until_finished(timeout_s=240)
+        times["finished"] = time.monotonic()
+        cluster_nodes = list_nodes(env)
+        worker_node_ids = tuple(node["node_id"] for node in sorted(
+            (node for node in cluster_nodes if not node["is_head_node"]), key=lambda node: node["state"] == "ALIVE"))
+        yield Scenario(raw, data_url, storage_url, temp_dirs, token, submission_id, logs.lines, cluster_nodes,
+                       worker_node_ids, times)
+    finally:
+        if logs:
+            logs.stop()
+            stamped = sorted([*((line.at, line.text) for line in logs.lines),
+                              *((at, f"--- {step}") for step, at in times.items())])
+            (home / "job.log").write_text("".join(f"{at - times['start']:7.1f} {text}\n" for at, text in stamped))
+        for node in reversed(nodes):
+            node.stop()
+        for directory in temp_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_run_survives_losing_a_node_and_finishes(scenario):
+    # `ray job logs --follow` ends with the job's final status
+    assert f"Job '{scenario.submission_id}' succeeded" in scenario.text, scenario.text[-4000:]
+    assert f"epoch {EPOCHS}/{EPOCHS}  train_loss" in scenario.text
+    assert scenario.mlflow_run.info.status == "FINISHED"
+    times = {**scenario.times, "checkpoint restored": next(line.at for line in scenario.logs
+                                                           if RESTORED.search(line.text))}
+    steps = sorted(times.items(), key=lambda item: item[1])
+    print("timeline (s):", ", ".join(f"{step} {at - times['start']:.1f}" for step, at in steps))
+
+
+def test_it_restarted_once_from_the_checkpoint_without_redoing_finished_epochs(scenario):
+    first, second = scenario.worker_groups()  # the group that lost its node, and the one that replaced it
+    restored = RESTORED.findall(scenario.text)
+    assert len(restored) == 1 and int(restored[0][0]) in second, restored
+    resumed_after = int(restored[0][1])
+    assert 1 <= resumed_after < EPOCHS
+    epochs_read = [{int(match[1]) for pid, match in scenario.reads() if pid in group} for group in (first, second)]
+    assert set(range(1, resumed_after + 1)) <= epochs_read[0] <= set(range(1, resumed_after + 2))
+    assert epochs_read[1] == set(range(resumed_after + 1, EPOCHS + 1))  # finished epochs are not trained again
+    assert sorted(int(epoch) for epoch in EPOCH_END.findall(scenario.text)) == list(range(1, EPOCHS + 1))
+    history = MlflowClient().get_metric_history(scenario.mlflow_run.info.run_id, "epoch")
+    assert sorted(metric.step for metric in history) == list(range(1, EPOCHS + 1))
+
+
+def test_one_worker_per_node_each_reading_its_own_samples(scenario):
+    head = next(node["node_id"][:8] for node in scenario.nodes if node["is_head_node"])
+    before, after = (node_id[:8] for node_id in scenario.worker_node_ids)
+    worker_nodes = [node for node in scenario.nodes if not node["is_head_node"]]
+    assert sorted(node["state"] for node in worker_nodes) == ["ALIVE", "DEAD"]
+    assert all(node["resources_total"]["worker_node"] == 1 for node in worker_nodes)
+    dataset = PreparedDataset.open(scenario.data_url)
+    shard_samples = dict(zip(map(shard_name_of, dataset.shard_urls("train")), dataset.shard_samples("train")))
+    per_rank = steps_per_epoch(sum(shard_samples.values()), WORKERS, BATCH_SIZE) * BATCH_SIZE
+    groups = scenario.worker_groups()
+    node_of, reading = {}, {}  # (group, rank) -> node; (group, epoch) -> rank -> samples
+    for pid, match in scenario.reads():  # rank 0 logs every rank's line
+        group = next(index for index, members in enumerate(groups) if pid in members)
+        epoch, rank, node = int(match[1]), int(match[2]), match[3]
+        assert node_of.setdefault((group, rank), node) == node  # a worker stays where it was placed
+        samples = {(name, index) for name, start, stop in RANGE.findall(match[5])
+                   for index in range(int(start), int(stop))}
+        assert int(match[4]) == len(samples) == per_rank
+        assert all(index < shard_samples[name] for name, index in samples)
+        reading.setdefault((group, epoch), {})[rank] = samples
+    for group, worker_node in enumerate((before, after)):  # STRICT_SPREAD: one worker on each node
+        assert sorted(node_of[group, rank] for rank in range(WORKERS)) == sorted([head, worker_node])
+    for (group, epoch), ranks in reading.items():
+        assert sorted(ranks) == list(range(WORKERS))
+        assert not ranks[0] & ranks[1], f"epoch {epoch}: both nodes read {sorted(ranks[0] & ranks[1])[:5]}"
+    assert {epoch for _, epoch in reading} == set(range(1, EPOCHS + 1))
+
+
+def test_checkpoints_live_in_s3_only(scenario):
+    location = object_store.parse_s3_url(scenario.storage_url)
+    prefix = f"{location.key}/{RUN_NAME}/"
+    listing = object_store.make_client().list_objects_v2(Bucket=location.bucket, Prefix=prefix)
+    keys = [item["Key"] for item in listing.get("Contents", [])]
+    checkpoints = {key.removeprefix(prefix).split("/")[0] for key in keys
+                   if key.removeprefix(prefix).startswith("checkpoint_") and "/" in key.removeprefix(prefix)}
+    assert checkpoints and all(f"{prefix}{name}/train_state.pt" in keys for name in checkpoints)
+    result = RunStorage.open(scenario.storage_url).previous_result(RUN_NAME)
+    assert result.metrics["epoch"] == EPOCHS
+    assert result.checkpoint.filesystem.type_name == "s3"
+    assert result.checkpoint.path.startswith(f"{location.bucket}/{location.key}/{RUN_NAME}/checkpoint_")
+    local = [path for directory in (*scenario.temp_dirs, Path.home() / "ray_results" / RUN_NAME)
+             for path in directory.rglob("checkpoint_*")]
+    assert not local, local
+
+
+def test_no_secret_in_the_job_logs(scenario):
+    assert not any(secret in scenario.text for secret in (TEST_ACCESS_KEY, TEST_SECRET_KEY, scenario.auth_token))

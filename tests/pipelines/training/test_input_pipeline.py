@@ -1,0 +1,62 @@
+"""The input pipeline on local shards."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.dataset import PreparedDataset
+from infra.errors import UserError
+from pipelines.training.augment import EvalTransform, TrainTransform
+from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader, train_loader
+from pipelines.training.sharding import steps_per_epoch
+from pipelines.training.driver import check_dataset
+from pipelines.training.config import parse_config
+from tests.support.train_helpers import make_shapes_folder, prepare_dataset, unit_config
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def local_dataset(tmp_path_factory) -> PreparedDataset:
+    """Three classes of 40 shapes; 13-sample shards: uneven, several per split."""
+    root = tmp_path_factory.mktemp("shapes")
+    prepare_dataset(str(make_shapes_folder(root / "source", per_class=40)), str(root / "dataset"), shard_max_samples=13)
+    return PreparedDataset.open(str(root / "dataset"))
+
+
+def test_train_loaders_run_equal_full_batches_on_every_rank(local_dataset):
+    shards = SplitShards.of(local_dataset, "train")
+    assert len(set(shards.samples)) > 1  # uneven shards
+    transform = TrainTransform(16, (0.5, 1.0), (0.75, 1.33), 0.5, 2, 9.0, "bicubic")
+    steps = steps_per_epoch(shards.total, 2, 8)
+    for rank in range(2):
+        batches = list(train_loader(shards, ReaderLayout(rank, 2, loader_workers=2), transform, 8, 20, 0, epoch=1))
+        assert len(batches) == steps
+        assert all(images.shape == (8, 3, 16, 16) and images.dtype == torch.uint8 for images, _ in batches)
+        assert all(labels.dtype == torch.long and labels.shape == (8,) for _, labels in batches)
+
+
+def test_eval_loaders_cover_the_split_once_across_ranks(local_dataset):
+    shards = SplitShards.of(local_dataset, "val")
+    transform = EvalTransform(16, 0.9, "bicubic")
+    labels = Counter()
+    for rank in range(3):
+        for images, batch_labels in eval_loader(shards, ReaderLayout(rank, 3, loader_workers=2), transform, 4):
+            assert images.shape[1:] == (3, 16, 16)
+            labels.update(batch_labels.tolist())
+    per_class = local_dataset.info.counts["val"]["per_class"]
+    assert labels == Counter({local_dataset.class_names.index(name): n for name, n in per_class.items() if n})
+
+
+def test_dataset_preflight_names_the_field(local_dataset):
+    config = parse_config(unit_config(data={"url": local_dataset.url, "val_split": "holdout"}))
+    with pytest.raises(UserError, match=r"^data.val_split: .* no samples in split 'holdout'"):
+        check_dataset(config)
+    config = parse_config(unit_config(data={"url": local_dataset.url, "batch_size": 64}))
+    with pytest.raises(UserError, match=r"^data.batch_size: \d+ training samples do not fill one batch of 64"):
+        check_dataset(config)
+
