@@ -43,6 +43,7 @@ class Lease:
     etag: str | None = None
     report: Callable[[str], None] = _to_stderr  # where the waiting messages go
     lost: str | None = field(default=None, init=False)  # why the lease stopped being ours, while held
+    token: str = field(default_factory=lambda: uuid.uuid4().hex, init=False)  # this holding, in the metadata
     _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _renewer: threading.Thread | None = field(default=None, init=False, repr=False)
 
@@ -53,18 +54,21 @@ class Lease:
     def _metadata(self) -> dict[str, str]:
         pid = os.getpid()
         return {"holder": f"{socket.gethostname()}:{pid}", "host": socket.gethostname(), "pid": str(pid),
-                "pid-started": _process_started(pid), "expires-at": f"{time.time() + self.ttl_s:.3f}"}
+                "pid-started": _process_started(pid), "expires-at": f"{time.time() + self.ttl_s:.3f}",
+                "token": self.token}
 
     def acquire(self) -> Lease:
         deadline = time.monotonic() + self.timeout_s
         next_report = time.monotonic()
+        self.token = uuid.uuid4().hex
         while True:
             # a unique body gives each holder its own ETag, which renewal and release check against
             self.etag = self.store.put_if_absent(self.key, uuid.uuid4().bytes, self._metadata())
-            if self.etag:
+            current = None if self.etag else self.store.head(self.key)
+            if self.etag or self._ours(current):
+                self.etag = self.etag or current.etag
                 self.lost = None
                 return self
-            current = self.store.head(self.key)
             if current and self._breakable(current):
                 self.store.delete_if_match(self.key, current.etag)
                 continue
@@ -79,6 +83,10 @@ class Lease:
                 next_report = time.monotonic() + REPORT_EVERY_S
             time.sleep(self.poll_s)
 
+    def _ours(self, current: StoredObject | None) -> bool:
+        """This holding wrote `current`: a retried request whose first attempt had succeeded."""
+        return current is not None and current.metadata.get("token") == self.token
+
     def _breakable(self, current: StoredObject) -> bool:
         """The holder is gone: its lease expired, or it was a process of this host that has ended."""
         metadata = current.metadata
@@ -91,6 +99,9 @@ class Lease:
     def renew(self) -> bool:
         """Extend the lease by its TTL if it is still ours; False (and `lost` says why) if not."""
         etag = self.store.put_if_match(self.key, uuid.uuid4().bytes, self.etag, self._metadata())
+        if etag is None:
+            current = self.store.head(self.key)
+            etag = current.etag if self._ours(current) else None
         if etag is None:
             self.lost = f"{self.url} was taken over or deleted while held by this process"
             return False

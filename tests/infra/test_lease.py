@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -11,6 +12,8 @@ import pytest
 from infra.errors import UserError
 from infra.lease import Lease
 from infra.object_store import ObjectStore
+from infra.s3 import S3Config
+from tests.support.s3_fault_proxy import FaultProxy
 from tests.support.waiting import wait_for
 
 
@@ -72,3 +75,40 @@ def test_a_held_lease_is_renewed_beyond_its_ttl_and_learns_when_it_is_lost(lock_
             lock_store.delete(key)  # broken by someone else
             wait_for(lambda: held.lost is not None, 10, "the renewal noticed the loss")
     assert lock_store.head(key) is None  # not silently taken again
+
+
+def answer_lost_once(method: str, key: str):
+    """A `FaultProxy.lose_answer` predicate: the first `method` request to `key` only."""
+    lost: list[str] = []
+
+    def pick(request_method: str, path: str) -> bool:
+        if request_method == method and path.split("?")[0].endswith(key) and not lost:
+            lost.append(path)
+            return True
+        return False
+
+    return pick
+
+
+@pytest.mark.parametrize("method", ["acquire", "renew"])
+def test_a_lease_whose_answer_was_lost_is_still_ours(lock_store, s3_endpoint, method):
+    """The conditional write reached the server, its answer did not: botocore retries it, the retry
+    finds the key taken (412), and the lease must recognise its own holding, not another holder."""
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        store = ObjectStore(lock_store.bucket, dataclasses.replace(S3Config.from_env(), endpoint_url=proxy.endpoint))
+        key = f"locks/{uuid.uuid4().hex}"
+        lease = Lease(store, key, ttl_s=30, timeout_s=0)
+        if method == "acquire":
+            proxy.lose_answer = answer_lost_once("PUT", key)
+            lease.acquire()
+        else:
+            lease.acquire()
+            proxy.lose_answer = answer_lost_once("PUT", key)
+            assert lease.renew(), lease.lost
+        assert proxy.injected("answer lost") == 1
+        assert lease.etag == lock_store.head(key).etag
+        lease.release()
+        assert lock_store.head(key) is None
+    finally:
+        proxy.stop()

@@ -60,6 +60,8 @@ class FaultProxy:
         self.burst = burst
         self.down = False
         self.refuse: Callable[[str, str], bool] = lambda method, path: False
+        # picks requests that reach the server but whose answer is lost (the connection closes)
+        self.lose_answer: Callable[[str, str], bool] = lambda method, path: False
         self.seed = seed
         self.counts: Counter[tuple[str, str]] = Counter()  # (client, "forwarded" or a fault) -> requests
         self._seen: Counter[tuple[str, str, str]] = Counter()
@@ -152,6 +154,10 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             status, headers, payload = self.forward(body)
+            if proxy.lose_answer(self.command, self.path):
+                proxy.count(client, "answer lost")
+                self.close_connection = True
+                return
             if fault == "cut":
                 self.close_connection = True
                 if self.command == "HEAD" or len(payload) < 2:  # no body to cut: the whole response is lost
