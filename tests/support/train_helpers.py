@@ -104,10 +104,16 @@ def checkpointed_epoch(storage_url: str, run_name: str) -> int:
     location = object_store.parse_s3_url(storage_url)
     store = object_store.shared_store(location.bucket)
     key = f"{location.key}/{run_name}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
-    if store.head(key) is None:
-        return 0
-    latest = json.loads(store.get_bytes(key))["latest_checkpoint_result"]
-    return int(latest["metrics"]["epoch"]) if latest else 0
+    for _ in range(50):
+        if store.head(key) is None:
+            return 0
+        try:
+            latest = json.loads(store.get_bytes(key))["latest_checkpoint_result"]
+        except json.JSONDecodeError:  # a read racing Ray's rewrite came back torn from moto (seen under load)
+            time.sleep(0.1)
+            continue
+        return int(latest["metrics"]["epoch"]) if latest else 0
+    raise AssertionError(f"{key} stayed unreadable (torn JSON) for 50 reads")
 
 
 def wait_for_checkpoint(storage_url: str, run_name: str, epoch: int, timeout_s: float, submission_id: str) -> bool:
