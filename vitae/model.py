@@ -66,9 +66,6 @@ class ViTAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one for `num_classes` (0 removes it)."""
         self.num_classes = num_classes
