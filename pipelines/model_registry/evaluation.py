@@ -93,7 +93,8 @@ def load_model(model_uri: str, device: torch.device,
                server: TrackingServer | None = None) -> tuple[nn.Module, ClassifierInfo]:
     """The logged `PackagedClassifier` (uint8 in, logits out) on `device`, with its metadata."""
     server = server or TrackingServer.at()
-    with loading(model_uri, server), tempfile.TemporaryDirectory(prefix="vitae-model-") as directory:
+    # `models:/<logged model id>` is looked up on the process's default server whatever the arguments say
+    with loading(model_uri, server), server.as_default(), tempfile.TemporaryDirectory(prefix="vitae-") as directory:
         path = mlflow.artifacts.download_artifacts(model_uri, dst_path=directory, tracking_uri=server.uri,
                                                    registry_uri=server.uri)
         return load_classifier(path, device)
