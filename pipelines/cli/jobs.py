@@ -32,8 +32,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                     "epoch and logging to MLflow. Re-running the same run name resumes it.",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="training config (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a config value, e.g. --set model.depth=4 (repeatable)")
+    add_overrides(parser, "override a config value", "model.depth=4")
     parser.set_defaults(handler="pipelines.training.driver:train_command")
 
 
@@ -45,8 +44,7 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
                     "trial is registered as @challenger (and promoted with registry.promote).",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="sweep config (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a sweep config value, e.g. --set search.num_samples=8 (repeatable)")
+    add_overrides(parser, "override a sweep config value", "search.num_samples=8")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted sweep of this name: finished trials are kept")
     parser.set_defaults(handler="pipelines.tuning.driver:tune_command")
@@ -141,8 +139,7 @@ def add_quickstart_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dir", default=".vitae", help="the embedded stack's directory (default .vitae)")
     parser.add_argument("--config", default=str(QUICKSTART_SWEEP), help="the sweep config (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a sweep config value, e.g. --set search.num_samples=6 (repeatable)")
+    add_overrides(parser, "override a sweep config value", "search.num_samples=6")
     parser.set_defaults(handler="pipelines.quickstart:quickstart_command")
 
 
@@ -156,3 +153,9 @@ def list_models_command(args: argparse.Namespace) -> int:
         raise UserError(f"no model matches {args.pattern!r}; try `vitae models`")
     print("\n".join(model_table(names, args.img_size)))
     return 0
+
+
+def add_overrides(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """The repeatable `--set KEY=VALUE` of the commands that read a config file."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help=f"{what}, e.g. --set {example} (repeatable)")
