@@ -19,6 +19,8 @@ def run_prep(args: argparse.Namespace) -> int:
         shard_max_bytes=int(args.shard_max_mb * 2**20),
         source=SourceOptions(args.image_column, args.label_column, args.class_names, args.digits_size),
         staging_dir=args.staging_dir,
+        ray=args.ray or args.ray_tasks is not None,
+        ray_tasks=args.ray_tasks,
         **({"workers": args.workers} if args.workers is not None else {}),
     )
     summary = prepare(args.source, args.out, options)

@@ -1,5 +1,6 @@
-"""`vitae prep`: one source -> shards staged locally -> published with a manifest, idempotently
-(an interrupted run leaves no manifest; re-running completes it). See docs/design/dataset-format.md.
+"""`vitae prep`: one source -> shards staged locally (converted in this process or, with `--ray`, by
+Ray tasks) -> published with a manifest, idempotently (an interrupted run leaves no manifest;
+re-running completes it). See docs/design/dataset-format.md.
 """
 
 from __future__ import annotations
@@ -8,21 +9,21 @@ import json
 import os
 import tempfile
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+
+from tqdm import tqdm
 
 from infra.errors import UserError
-from data_prep.images import RejectedImage, prepare_image
+from data_prep.conversion import Converted, convert_in_process
+from data_prep.ray_conversion import convert_on_ray
 from data_prep.manifest import (
     DATASET_NAME, MANIFEST_NAME, REJECTS_NAME, SPLITS, DatasetInfo, ShardRecord, manifest_to_parquet,
 )
 from infra.object_store import is_s3_url
-from data_prep.shards import EncodedSample, write_split
-from data_prep.sources import MAX_DIGITS_SIZE, Reject, Source, SourceImage, SourceOptions, open_source
+from data_prep.sources import MAX_DIGITS_SIZE, Source, SourceImage, SourceOptions, open_source
 from data_prep.splitting import check_fractions, shuffled, stratified_splits
 from data_prep.locations import StagedFile, Storage, open_storage
 
@@ -40,11 +41,13 @@ class PrepOptions:
     source: SourceOptions = field(default_factory=SourceOptions)
     workers: int = min(8, 2 * (os.cpu_count() or 1))
     staging_dir: str | None = None  # default: inside a local destination, else the system temp dir
+    ray: bool = False  # convert with Ray tasks on the cluster at RAY_ADDRESS, not in this process
+    ray_tasks: int | None = None  # Ray tasks at a time (None: as many as the cluster has CPUs)
 
     def recorded(self) -> dict:
         """The options that determine the dataset's content (written to dataset.json)."""
         recorded = asdict(self)
-        for machine_specific in ("workers", "staging_dir"):
+        for machine_specific in ("workers", "staging_dir", "ray", "ray_tasks"):
             del recorded[machine_specific]
         return recorded
 
@@ -83,13 +86,14 @@ def prepare(source_spec: str, dest: str, options: PrepOptions = PrepOptions(),
     """Convert `source_spec` into a complete dataset at `dest` (a directory or s3:// URL)."""
     _check_options(options)
     _check_apart(source_spec, dest)
-    source = open_source(source_spec, options.source)
-    storage = open_storage(dest)
-    storage.check(create=True)  # before the long conversion: a bad bucket or credentials fail now
-    by_split = _assign_splits(source, options)
-    staging_base = options.staging_dir or storage.staging_root()
-    with tempfile.TemporaryDirectory(prefix=".vitae-prep-", dir=staging_base) as staging_name:
-        staging = Path(staging_name)
+    with ExitStack() as stack:
+        spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vitae-source-", dir=options.staging_dir)))
+        source = open_source(source_spec, spill, options.source)
+        storage = open_storage(dest)
+        storage.check(create=True)  # before the long conversion: a bad bucket or credentials fail now
+        by_split = _assign_splits(source, options)
+        staging_base = options.staging_dir or storage.staging_root()
+        staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".vitae-prep-", dir=staging_base)))
         started = time.perf_counter()
         converted = _convert(source, by_split, staging, options, progress)
         convert_s = time.perf_counter() - started
@@ -116,7 +120,7 @@ def _check_options(options: PrepOptions) -> None:
     check_fractions(options.val_fraction, options.test_fraction)
     positive = {"--max-side": options.max_side, "--shard-max-samples": options.shard_max_samples,
                 "--shard-max-mb": options.shard_max_bytes, "--workers": options.workers,
-                "--digits-size": options.source.digits_size}
+                "--digits-size": options.source.digits_size, "--ray-tasks": options.ray_tasks}
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
@@ -149,27 +153,17 @@ def _assign_splits(source: Source, options: PrepOptions) -> dict[str, list[Sourc
     return by_split
 
 
-@dataclass
-class _Converted:
-    records: list[ShardRecord] = field(default_factory=list)
-    rejects: list[Reject] = field(default_factory=list)
-    class_counts: dict[str, Counter] = field(default_factory=dict)
-
-
 def _convert(source: Source, by_split: dict[str, list[SourceImage]], staging: Path, options: PrepOptions,
-             progress: bool) -> _Converted:
-    from tqdm import tqdm
-
-    converted = _Converted(rejects=list(source.rejects))
-    with tqdm(total=len(source.images), unit="img", desc="convert", disable=not progress) as bar, \
-            ThreadPoolExecutor(options.workers) as pool:
-        for split, images in by_split.items():
-            counts = converted.class_counts[split] = Counter()
-            results = _ordered_map(pool, partial(_encode, max_side=options.max_side),
-                                   shuffled(images, options.seed, split), window=options.workers * 8)
-            samples = _accepted(results, converted.rejects, counts, bar.update)
-            converted.records += write_split(split, samples, staging, options.shard_max_samples,
-                                             options.shard_max_bytes)
+             progress: bool) -> Converted:
+    planned = {split: shuffled(images, options.seed, split) for split, images in by_split.items()}
+    shard_limits = (options.shard_max_samples, options.shard_max_bytes)
+    if options.ray:
+        converted = convert_on_ray(planned, staging, options.max_side, *shard_limits, options.ray_tasks, progress)
+    else:
+        with tqdm(total=len(source.images), unit="img", desc="convert", disable=not progress) as bar:
+            converted = convert_in_process(planned, staging, options.max_side, *shard_limits, options.workers,
+                                           bar.update)
+    converted.rejects[:0] = source.rejects
     if not converted.records:
         first = converted.rejects[0]
         raise UserError(f"no usable images in {source.description}: all {len(converted.rejects)} rejected "
@@ -177,41 +171,7 @@ def _convert(source: Source, by_split: dict[str, list[SourceImage]], staging: Pa
     return converted
 
 
-def _encode(image: SourceImage, max_side: int | None) -> EncodedSample | Reject:
-    try:
-        data = image.read()
-    except OSError as error:
-        return Reject(image.source_id, f"unreadable ({error.strerror or error})")
-    try:
-        encoded, extension = prepare_image(data, max_side)
-    except RejectedImage as error:
-        return Reject(image.source_id, str(error))
-    return EncodedSample(encoded, extension, image.label, image.source_id)
-
-
-def _ordered_map(pool: ThreadPoolExecutor, function: Callable, items: Iterable, window: int) -> Iterator:
-    """`function` over `items` on `pool`, results in input order, at most `window` in flight."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(function, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def _accepted(results: Iterable[EncodedSample | Reject], rejects: list[Reject], counts: Counter,
-              advance: Callable[[], object]) -> Iterator[EncodedSample]:
-    for result in results:
-        advance()
-        if isinstance(result, Reject):
-            rejects.append(result)
-        else:
-            counts[result.label] += 1
-            yield result
-
-
-def _dataset_info(source_spec: str, source: Source, converted: _Converted, options: PrepOptions) -> DatasetInfo:
+def _dataset_info(source_spec: str, source: Source, converted: Converted, options: PrepOptions) -> DatasetInfo:
     counts = {
         split: {"samples": sum(per_class.values()),
                 "per_class": {name: per_class[index] for index, name in enumerate(source.class_names)}}
@@ -228,11 +188,9 @@ def _dataset_info(source_spec: str, source: Source, converted: _Converted, optio
     )
 
 
-def _publish(storage: Storage, staging: Path, converted: _Converted, info: DatasetInfo,
+def _publish(storage: Storage, staging: Path, converted: Converted, info: DatasetInfo,
              progress: bool) -> list[StagedFile]:
     """Store changed shards, then the rejects report and the manifest; returns what was uploaded."""
-    from tqdm import tqdm
-
     storage.delete(DATASET_NAME)  # the dataset is incomplete from here until the manifest is back
     storage.delete(MANIFEST_NAME)
     to_upload = [StagedFile(staging / r.name, r.name, r.bytes, r.sha256) for r in converted.records

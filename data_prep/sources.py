@@ -1,5 +1,6 @@
-"""Image sources, what `vitae prep SOURCE` reads: an image-folder tree, Parquet file(s), or `digits`,
-listed as labelled, lazily-read images; what cannot even be listed becomes a `Reject`.
+"""Image sources, what `vitae prep SOURCE` reads: an image-folder tree, Parquet file(s) (streamed by
+row group), or `digits`, listed as labelled, lazily-read images; what cannot even be listed becomes
+a `Reject`.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class SourceOptions:
     digits_size: int = 32
 
 
-def open_source(spec: str, options: SourceOptions = SourceOptions()) -> Source:
-    """List the images of `spec` (a path or `digits`); raises `UserError` if it holds none."""
+def open_source(spec: str, spill_dir: Path, options: SourceOptions = SourceOptions()) -> Source:
+    """List the images of `spec` (a path or `digits`); raises `UserError` if it holds none. A Parquet
+    source's image bytes are copied to `spill_dir`, which must outlive the `Source`."""
     if spec == "digits":
         source = digits_source(options)
     else:
@@ -66,7 +68,7 @@ def open_source(spec: str, options: SourceOptions = SourceOptions()) -> Source:
         if path.is_file() and path.suffix != ".parquet":
             raise UserError(f"unsupported source {spec}: expected an image folder, Parquet file(s) or 'digits'")
         if path.suffix == ".parquet" or any(path.rglob("*.parquet")):
-            source = parquet_source(path, options)
+            source = parquet_source(path, options, spill_dir)
         else:
             source = folder_source(path, options)
     if not source.images:
@@ -119,32 +121,48 @@ def _visible_files(directory: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
-# --- Parquet -------------------------------------------------------------------------------------
+# --- Parquet ---------------------------------------------------------------------------------------
 
 
-def parquet_source(path: Path, options: SourceOptions) -> Source:
+@dataclass(frozen=True)
+class SpilledBytes:
+    """One image's bytes, copied from its Parquet row group into a local spill file (a picklable reader)."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def __call__(self) -> bytes:
+        with open(self.path, "rb") as file:
+            file.seek(self.offset)
+            return file.read(self.length)
+
+
+def parquet_source(path: Path, options: SourceOptions, spill_dir: Path) -> Source:
+    """The rows of Parquet file(s), streamed one row group at a time: labels are read as a column,
+    image bytes are copied to a spill file in `spill_dir` (never a whole file in memory)."""
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     splits = {f: _split_of(f.relative_to(path) if path.is_dir() else Path(f.name)) for f in files}
     if len(set(s is None for s in splits.values())) > 1:
         raise UserError(f"{path}: some Parquet files name a split (train/val/test) and some do not")
-    tables, rejects = [], []
+    opened, rejects = [], []
     for file in files:
-        table = _read_parquet(file, options, rejects)
-        if table is not None:
-            tables.append((file, table))
-    labels, classes = _parquet_labels(tables, options, path)
+        parquet = _open_parquet(file, options, rejects)
+        if parquet is not None:
+            opened.append((file, parquet))
+    labels, classes = _parquet_labels(opened, options, path)
     images = []
-    for (file, table), file_labels in zip(tables, labels):
-        image_bytes = _image_bytes_column(table, options.image_column, file)
+    for index, ((file, parquet), file_labels) in enumerate(zip(opened, labels)):
         source_file = file.relative_to(path).as_posix() if path.is_dir() else file.name
-        for row, label in enumerate(file_labels):
+        spilled = _spill_images(parquet, options.image_column, file, spill_dir / f"{index}.bin")
+        for row, (label, read) in enumerate(zip(file_labels, spilled)):
             source_id = f"{source_file}#{row}"
             if label is None or not 0 <= label < len(classes):
                 rejects.append(Reject(source_id, f"label {label!r} is not a class index < {len(classes)}"))
-            elif not image_bytes[row].is_valid:
+            elif read is None:
                 rejects.append(Reject(source_id, "no image bytes"))
             else:
-                images.append(SourceImage(source_id, label, splits[file], image_bytes[row].as_py))
+                images.append(SourceImage(source_id, label, splits[file], read))
     return Source(f"Parquet {path}", classes, images, rejects)
 
 
@@ -156,28 +174,42 @@ def _split_of(relative: Path) -> str | None:
     return None
 
 
-def _read_parquet(file: Path, options: SourceOptions, rejects: list[Reject]):
-    """The image and label columns of `file`, or None (and a reject) if it is not readable Parquet."""
+def _open_parquet(file: Path, options: SourceOptions, rejects: list[Reject]):
+    """`file` as a `pyarrow.parquet.ParquetFile`, or None (and a reject) if it is not readable Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = [options.image_column, options.label_column]
     try:
-        names = pq.read_schema(file).names
-        missing = [column for column in columns if column not in names]
-        if missing:  # a UserError, not a reject: every file would fail the same way
-            raise UserError(f"{file}: no column {missing[0]!r} (columns: {', '.join(names)}); "
-                            "use --image-column / --label-column")
-        return pq.read_table(file, columns=columns)
+        parquet = pq.ParquetFile(file)
     except (pa.ArrowException, OSError) as error:
         rejects.append(Reject(file.name, f"unreadable Parquet file ({error})"))
         return None
+    names = parquet.schema_arrow.names
+    missing = [column for column in (options.image_column, options.label_column) if column not in names]
+    if missing:  # a UserError, not a reject: every file would fail the same way
+        raise UserError(f"{file}: no column {missing[0]!r} (columns: {', '.join(names)}); "
+                        "use --image-column / --label-column")
+    return parquet
 
 
-def _image_bytes_column(table, column: str, file: Path):
+def _spill_images(parquet, column: str, file: Path, spill: Path) -> list[SpilledBytes | None]:
+    """Copy the image bytes of `parquet` to `spill`, one row group at a time; a reader per row (None: no bytes)."""
+    readers: list[SpilledBytes | None] = []
+    with open(spill, "wb") as out:
+        for group in range(parquet.num_row_groups):
+            images = _image_bytes(parquet.read_row_group(group, columns=[column]).column(column), column, file)
+            for value in images:
+                data = value.as_py()
+                readers.append(None if data is None else SpilledBytes(spill, out.tell(), len(data)))
+                if data is not None:
+                    out.write(data)
+    return readers
+
+
+def _image_bytes(chunked, column: str, file: Path):
     import pyarrow as pa
 
-    images = table.column(column).combine_chunks()
+    images = chunked.combine_chunks()
     if pa.types.is_struct(images.type) and images.type.get_field_index("bytes") >= 0:
         return images.field("bytes")
     if pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type):
@@ -185,14 +217,14 @@ def _image_bytes_column(table, column: str, file: Path):
     raise UserError(f"{file}: column {column!r} is {images.type}, expected binary or struct<bytes, path>")
 
 
-def _parquet_labels(tables, options: SourceOptions, path: Path) -> tuple[list[list], list[str]]:
+def _parquet_labels(opened, options: SourceOptions, path: Path) -> tuple[list[list], list[str]]:
     """Per-file label indices (None where missing) and the class names."""
     import pyarrow as pa
 
-    columns = [table.column(options.label_column) for _, table in tables]
+    columns = [parquet.read(columns=[options.label_column]).column(0) for _, parquet in opened]
     if all(pa.types.is_integer(c.type) for c in columns):
         labels = [c.to_pylist() for c in columns]
-        names = options.class_names or _hf_class_names(tables, options.label_column)
+        names = options.class_names or _hf_class_names(opened, options.label_column)
         if names is None:
             names = [str(i) for i in range(max((l for ls in labels for l in ls if l is not None), default=-1) + 1)]
         return labels, list(names)
@@ -204,10 +236,10 @@ def _parquet_labels(tables, options: SourceOptions, path: Path) -> tuple[list[li
     raise UserError(f"{path}: label column {options.label_column!r} is {types}, expected integers or strings")
 
 
-def _hf_class_names(tables, column: str) -> list[str] | None:
+def _hf_class_names(opened, column: str) -> list[str] | None:
     """Class names from a Hugging Face `ClassLabel` feature in the Parquet schema metadata."""
-    for _, table in tables:
-        metadata = (table.schema.metadata or {}).get(b"huggingface")
+    for _, parquet in opened:
+        metadata = (parquet.schema_arrow.metadata or {}).get(b"huggingface")
         if metadata:
             feature = json.loads(metadata).get("info", {}).get("features", {}).get(column, {})
             if feature.get("_type") == "ClassLabel" and feature.get("names"):

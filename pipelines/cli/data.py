@@ -29,7 +29,12 @@ def add_prep_parsers(subparsers: argparse._SubParsersAction) -> None:
                       help="class names in index order (default: from the data)")
     prep.add_argument("--digits-size", type=int, default=32, help="digits: image side in pixels (at most 1024)")
     prep.add_argument("--workers", type=int, help="image decoding threads (at most 64)")
-    prep.add_argument("--staging-dir", help="where shards are staged before upload (default: temp dir)")
+    prep.add_argument("--staging-dir", help="where shards are staged before upload (default: temp dir); with "
+                                            "--ray on several machines, a folder every node sees")
+    prep.add_argument("--ray", action="store_true",
+                      help="convert with Ray tasks on the cluster at RAY_ADDRESS (same output, byte for byte)")
+    prep.add_argument("--ray-tasks", type=int, metavar="N",
+                      help="with --ray: tasks at a time (default: the cluster's CPUs)")
     prep.set_defaults(handler="data_prep.commands:run_prep")
 
     verify = subparsers.add_parser("verify", help="check a prepared dataset against its manifest",
