@@ -2,7 +2,8 @@
 
 Every model has the same face, which training code relies on instead of a model's internals:
 `forward_features` (tokens of the last stage), `forward_head(pre_logits=False)`, `reset_classifier`,
-`no_weight_decay`, `set_grad_checkpointing` and `pretrained_cfg` (input size and normalisation).
+`no_weight_decay`, `set_grad_checkpointing`, `layer_ids` (depths for layer-wise learning-rate decay)
+and `pretrained_cfg` (input size and normalisation).
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ class ViTAE(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names that weight decay must skip (besides norms and biases)."""
         return {name for name, _ in self.named_parameters() if name.endswith(("cls_token", "pos_embed"))}
+
+    @torch.jit.ignore
+    def layer_ids(self) -> tuple[dict[str, int], int]:
+        """Each parameter's depth, for layer-wise learning-rate decay, and the head's: the cells that
+        have parameters (reduction and normal cells) count 0, 1, ... in forward order, the first one
+        being the embedding (pixels to tokens); `fc_norm` and the head come last."""
+        cells: dict[str, int] = {}
+        ids: dict[str, int] = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "layers":  # layers.{stage}.RC.* or layers.{stage}.NC.{cell}.*
+                cell = ".".join(parts[:3] if parts[2] == "RC" else parts[:4])
+                ids[name] = cells.setdefault(cell, len(cells))
+        top = len(cells)
+        return {name: ids.get(name, top) for name, _ in self.named_parameters()}, top
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

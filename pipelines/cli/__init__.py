@@ -12,7 +12,8 @@ from infra.errors import INTERRUPTED_EXIT, USER_ERROR_EXIT, UserError
 from pipelines.cli import data, jobs, stack
 
 PARSERS = (jobs.add_models_parser, jobs.add_train_parser, jobs.add_tune_parser, jobs.add_evaluate_parser,
-           jobs.add_predict_parser, jobs.add_promote_parser, jobs.add_register_parser, jobs.add_quickstart_parser,
+           jobs.add_predict_parser, jobs.add_promote_parser, jobs.add_register_parser, jobs.add_export_parser,
+           jobs.add_quickstart_parser,
            data.add_prep_parsers, stack.add_stack_parser)
 
 

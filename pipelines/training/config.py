@@ -6,12 +6,14 @@ conventions (batch sizes, learning-rate scaling) and bounds: docs/design/trainin
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
 import yaml
+from torch import nn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import vitae
@@ -38,6 +40,8 @@ MAX_ACCUMULATION_STEPS = 1024
 MAX_EPOCHS = 10_000
 MAX_NUM_WORKERS = 4096  # Ray Train workers: beyond any cluster Ray supports
 MAX_SEED = 2**32 - 1  # what NumPy's and Python's seeded generators take everywhere
+
+HEAD_PREFIX = "head."  # the classifier's parameters: trained by every run, replaced for another class count
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
@@ -95,15 +99,30 @@ class ModelSettings(_Section):
     compile: bool = False  # torch.compile the model on each worker
     channels_last: bool = False
     bf16: bool = True  # bfloat16 autocast on GPU workers (CPU workers compute in float32)
+    grad_checkpointing: bool = False  # recompute normal cells in the backward pass (less memory, ~30% more compute)
+    # The initial weights (docs/fine-tuning.md): a checkpoint file (path or s3://), an MLflow model
+    # (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model), or a training run's latest
+    # checkpoint (run:NAME in this checkpoint.storage_path, run:STORAGE_PATH/NAME). None: random.
+    pretrained: str | None = Field(None, min_length=1)
+    freeze: list[str] = Field(default_factory=list)  # fnmatch patterns of parameter names kept frozen; never the head
 
     @model_validator(mode="after")
     def _buildable(self) -> ModelSettings:
         if not vitae.is_model(self.name):
             raise _field_error("model.name", f"unknown model {self.name!r}; see `vitae models`")
         with torch.device("meta"):  # builds the architecture without allocating weights
-            vitae.create_model(self.name, num_classes=2, img_size=self.img_size, depth=self.depth,
-                               mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rate)
+            model = self.create(num_classes=2)
+        names = [name for name, _ in model.named_parameters() if not name.startswith(HEAD_PREFIX)]
+        for pattern in self.freeze:
+            if not fnmatch.filter(names, pattern):
+                raise _field_error("model.freeze", f"{pattern!r} matches no parameter of {self.name} "
+                                                   f"(they are named like {names[0]}; the head is never frozen)")
         return self
+
+    def create(self, num_classes: int) -> nn.Module:
+        """The model this section describes, randomly initialised on the default device."""
+        return vitae.create_model(self.name, num_classes=num_classes, img_size=self.img_size, depth=self.depth,
+                                  mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rate)
 
 
 class OptimSettings(_Section):
@@ -114,6 +133,9 @@ class OptimSettings(_Section):
     grad_clip_norm: PositiveFloat | None = 5.0  # None: no clipping
     accumulation_steps: int = Field(1, ge=1, le=MAX_ACCUMULATION_STEPS)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA of the weights
+    # Layer-wise lr decay (BEiT/MAE fine-tuning): a cell's lr is scaled by layer_decay^(cells after
+    # it, the head counting one), the embedding lowest, the head 1.0 (cells: vitae.ViTAE.layer_ids).
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)  # None: the same lr everywhere
 
 
 class ScheduleSettings(_Section):

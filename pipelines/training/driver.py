@@ -1,6 +1,6 @@
 """`vitae train` and `python -m pipelines.train` (the `ray job submit` entrypoint): the driver of a
-training run. It checks the config, dataset, storage and cluster, holds the run's name and fits a
-Ray Train `TorchTrainer` whose workers run `pipelines.training.worker.train_worker`
+training run. It checks the config, dataset, storage, initial weights and cluster, holds the run's
+name and fits a Ray Train `TorchTrainer` whose workers run `pipelines.training.worker.train_worker`
 (docs/design/training.md).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -16,6 +17,7 @@ from data_prep.dataset import PreparedDataset
 from infra.errors import UserError
 from pipelines.training.config import TrainConfig, config_changes, load_config
 from pipelines.training.failures import UserErrorsEndTheRun, user_error
+from pipelines.training.initial_weights import InitialWeights, initial_weights_for
 from pipelines.training.ray_cluster import cluster_capacity, connect_to_ray, require_resources
 from pipelines.training.ray_logging import quiet_driver
 from pipelines.training.run_storage import RunStorage
@@ -34,13 +36,16 @@ def run_training(config: TrainConfig) -> None:
     check_dataset(config)
     storage = RunStorage.open(config.checkpoint.storage_path)
     how_it_starts = check_resumable(config, storage)
+    initial_weights = initial_weights_for(config, storage)
     connect_to_ray()
     check_resources(config)
     with storage.hold(config.name):
         print(how_it_starts, flush=True)
+        if initial_weights:
+            print(initial_weights.describe(), flush=True)
         print(f"{config.scaling.num_workers} workers, global batch {config.global_batch_size}, "
               f"peak lr {config.peak_lr:.2e}, {config.schedule.epochs} epochs", flush=True)
-        result = fit(config, storage)
+        result = fit(config, storage, initial_weights=initial_weights)
     report(result, storage.run_url(config.name))
 
 
@@ -77,14 +82,18 @@ def check_resumable(config: TrainConfig, storage: RunStorage) -> str:
     return f"run {config.name}: resuming after epoch {previous.metrics['epoch']} of {config.schedule.epochs}"
 
 
-def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = ()):
+def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = (),
+        initial_weights: InitialWeights | None = None):
     """Run (or resume) training run `config.name`; `callbacks` go to Ray Train's RunConfig (a sweep's
-    trial passes Tune's `TuneReportCallback`). A failure the user can fix (see `failures.user_error`)
-    ends the run without restarts and is raised as one `UserError` line."""
+    trial passes Tune's `TuneReportCallback`). `initial_weights` default: read here if the run starts
+    from `model.pretrained`; they go to the workers through Ray's object store. A failure the user can
+    fix (see `failures.user_error`) ends the run without restarts and is raised as one `UserError` line."""
     quiet_driver()
+    initial_weights = initial_weights or initial_weights_for(config, storage)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=config.model_dump(mode="json"),
+        train_loop_config={"config": config.model_dump(mode="json"),
+                           "initial_weights": ray.put(initial_weights) if initial_weights else None},
         scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=config.name,

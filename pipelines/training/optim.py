@@ -1,45 +1,76 @@
-"""Optimisation pieces: AdamW over two parameter groups (no weight decay on 1-D parameters and
-`no_weight_decay()` names), the warmup + cosine schedule per optimizer step, and the EMA of the
-weights (docs/design/training.md).
+"""Optimisation pieces: which parameters train (`freeze`), AdamW's parameter groups (no weight decay
+on 1-D parameters and `no_weight_decay()` names; per-cell learning-rate scales with layer decay),
+the warmup + cosine schedule per optimizer step, and the EMA of the weights (docs/design/training.md).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import math
+
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipelines.training.config import OptimSettings, ScheduleSettings
+from pipelines.training.config import HEAD_PREFIX, OptimSettings, ScheduleSettings
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """[decayed parameters, parameters exempt from weight decay]."""
+def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Stop the gradients of the parameters whose names match a pattern (the head's excepted);
+    returns their names."""
+    frozen = [name for name, parameter in model.named_parameters()
+              if not name.startswith(HEAD_PREFIX) and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    parameters = dict(model.named_parameters())
+    for name in frozen:
+        parameters[name].requires_grad_(False)
+    return frozen
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Groups of trainable parameters by (depth, weight decay or not), shallowest first, each with its
+    `lr_scale`: `layer_decay ** (head's depth - depth)` (`model.layer_ids()`), 1.0 without layer decay.
+    Frozen parameters are in none (so the optimizer keeps no state for them)."""
     exempt_names = model.no_weight_decay()
-    decay, no_decay = [], []
+    depths, top = model.layer_ids() if layer_decay is not None else ({}, 0)
+    groups: dict[tuple[int, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         exempt = parameter.ndim <= 1 or name.endswith(".bias") or name in exempt_names
-        (no_decay if exempt else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        depth = depths.get(name, top)
+        group = groups.setdefault((depth, exempt), {
+            "params": [], "weight_decay": 0.0 if exempt else weight_decay,
+            "lr_scale": layer_decay ** (top - depth) if layer_decay is not None else 1.0})
+        group["params"].append(parameter)
+    return [groups[key] for key in sorted(groups)]
 
 
 def build_optimizer(model: nn.Module, config: OptimSettings, peak_lr: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=peak_lr, betas=config.betas,
-                             eps=config.eps)
+    groups = [{**group, "lr": peak_lr * group["lr_scale"]}
+              for group in param_groups(model, config.weight_decay, config.layer_decay)]
+    return torch.optim.AdamW(groups, lr=peak_lr, betas=config.betas, eps=config.eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: ScheduleSettings, steps_per_epoch: int) -> LRScheduler:
-    """Stepped once per optimizer step; `steps_per_epoch` counts optimizer steps."""
+    """Stepped once per optimizer step; `steps_per_epoch` counts optimizer steps. One factor scales
+    every group's own peak, so layer-decay scales hold throughout."""
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    peak_lr = optimizer.param_groups[0]["lr"]
-    cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=config.min_lr_ratio * peak_lr)
-    if warmup_steps == 0:
-        return cosine
-    warmup = LinearLR(optimizer, start_factor=config.warmup_start_factor, total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+    cosine_steps = max(total_steps - warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return config.warmup_start_factor + (1 - config.warmup_start_factor) * step / warmup_steps
+        progress = min(step - warmup_steps, cosine_steps) / cosine_steps
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+
+    return LambdaLR(optimizer, factor)
+
+
+def peak_group_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate now of the groups at full scale (the head's, with layer decay)."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def build_ema(model: nn.Module, decay: float | None) -> AveragedModel | None:

@@ -1,7 +1,7 @@
 """The function Ray Train runs on every worker (`train_worker`), assembled in reading order from this
-package's pieces: rank and device -> data -> model, optimisation and progress, restored from the
-latest checkpoint -> DDP -> MLflow (rank 0) -> per epoch: train, validate, log, checkpoint -> the
-final model. One training step per batch, with gradient accumulation (docs/design/training.md).
+package's pieces: rank and device -> model (with its initial weights) -> data -> optimisation and
+progress, restored from the latest checkpoint -> DDP -> MLflow (rank 0) -> per epoch: train,
+validate, log, checkpoint -> the final model. One training step per batch, with gradient accumulation (docs/design/training.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import vitae
 from data_prep.dataset import PreparedDataset
 from pipelines.training.augment import EvalTransform, TrainTransform, normalize
 from pipelines.training.train_state import Checkpointer, RngState, TrainProgress
@@ -30,7 +29,8 @@ from pipelines.training.validation import EvalTotals, broadcast_buffers, evaluat
 from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader, skipped_samples, train_loader
 from pipelines.training.mixing import Mixing
 from pipelines.model_packaging import ClassifierInfo
-from pipelines.training.optim import build_ema, build_optimizer, build_scheduler, copy_buffers
+from pipelines.training.initial_weights import InitialWeights
+from pipelines.training.optim import build_ema, build_optimizer, build_scheduler, copy_buffers, freeze, peak_group_lr
 from pipelines.training.ray_logging import quiet_worker
 from pipelines.training.sharding import steps_per_epoch
 from pipelines.training.step_timing import PhaseTimer
@@ -107,17 +107,22 @@ class EpochStats:
                           optimizer_s)
 
 
-def train_worker(config_dict: dict) -> dict[str, str | None]:
-    """Ray Train's per-worker entry point; rank 0 returns where the results are in MLflow."""
-    config = TrainConfig.model_validate(config_dict)
+def train_worker(loop_config: dict) -> dict[str, str | None]:
+    """Ray Train's per-worker entry point: `loop_config` holds the config (as JSON) and the initial
+    weights' object reference (or None); rank 0 returns where the results are in MLflow."""
+    config = TrainConfig.model_validate(loop_config["config"])
     quiet_worker()
     env = WorkerEnv.current()
     dataset = PreparedDataset.open(config.data.url)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, len(dataset.class_names)).to(env.device)
+    restarting = ray.train.get_checkpoint() is not None  # its checkpoint holds the weights: no pretrained reload
+    initial = None if restarting or loop_config["initial_weights"] is None else ray.get(loop_config["initial_weights"])
+    if initial is not None:
+        initial.load_into(model)
     data = build_data(config, env, dataset, model.pretrained_cfg)
     training = build_training(config, env, model, data.steps_per_epoch)
-    tracker = attach_tracker(config, data, training.progress) if env.rank == 0 else None
+    tracker = attach_tracker(config, data, training.progress, initial) if env.rank == 0 else None
     try:
         for epoch in range(training.progress.epoch, config.schedule.epochs):
             run_epoch(config, env, data, training, tracker, epoch)
@@ -129,9 +134,11 @@ def train_worker(config_dict: dict) -> dict[str, str | None]:
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The run's model, randomly initialised, with its frozen parameters and activation checkpointing."""
     spec = config.model
-    model = vitae.create_model(spec.name, num_classes=num_classes, img_size=spec.img_size, depth=spec.depth,
-                               mlp_ratio=spec.mlp_ratio, drop_path_rate=spec.drop_path_rate)
+    model = spec.create(num_classes)
+    freeze(model, spec.freeze)
+    model.set_grad_checkpointing(spec.grad_checkpointing)
     return model.to(memory_format=torch.channels_last) if spec.channels_last else model
 
 
@@ -204,10 +211,12 @@ def fresh_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
     )
 
 
-def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress) -> TrainingRun:
+def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress,
+                   initial: InitialWeights | None) -> TrainingRun:
     derived = {"derived.global_batch_size": config.global_batch_size, "derived.peak_lr": config.peak_lr,
                "derived.steps_per_epoch": data.steps_per_epoch, "derived.train_samples": data.train.total,
-               "derived.val_samples": data.val.total, "derived.num_classes": len(data.class_names)}
+               "derived.val_samples": data.val.total, "derived.num_classes": len(data.class_names),
+               **(initial.params() if initial else {})}
     tracker = TrainingRun.attach(config.name, config.mlflow.experiment, config.mlflow.tracking_uri,
                                  progress.mlflow_run_id, {**flatten(config), **derived}, to_yaml(config),
                                  parent_run_id=config.mlflow.parent_run_id, history=progress.history)
@@ -323,7 +332,7 @@ def epoch_metrics(epoch: int, env: WorkerEnv, training: Training, stats: EpochSt
     metrics = {
         "epoch": epoch + 1,
         "step": training.progress.step,
-        "lr": training.optimizer.param_groups[0]["lr"],
+        "lr": peak_group_lr(training.optimizer),
         "train_loss": stats.loss_sum / max(stats.samples, 1),
         "train_steps": stats.steps,
         "images_per_s": stats.samples * env.world_size / elapsed_sum,
