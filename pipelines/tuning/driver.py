@@ -1,7 +1,10 @@
 """`vitae tune` and `python -m pipelines.tune` (the `ray job submit` entrypoint): a hyperparameter
 sweep of training runs with Ray Tune (each trial a Ray Train run, `run_trial`), as many at once as
-the cluster holds, tracked in MLflow, resumable and interruptible, its best trial registered and
-optionally promoted (docs/design/sweeps.md).
+the cluster holds, tracked in MLflow, interruptible, its best trial registered and optionally
+promoted. `--resume` restores, as of Tune's last experiment checkpoint: the trials and their
+results, the searcher and ASHA's rungs (`scheduler_state`); unfinished trials resume from their
+last epoch checkpoint. Not restored: epochs after that checkpoint (trained again) and, after a
+killed driver, what happened since Tune's last experiment checkpoint (docs/design/sweeps.md).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pipelines.training.driver import check_dataset, fit, scaling_config
 from pipelines.training.ray_cluster import cluster_capacity, connect_to_ray, describe_resources, require_resources
 from pipelines.training.run_storage import RunStorage
 from pipelines.tuning.config import LogUniform, Sweep, load_sweep, trial_config, trial_run_name
+from pipelines.tuning.scheduler_state import SchedulerState
 
 METRIC, MODE = "val_top1", "max"  # what the sweep optimises and ASHA compares
 REGISTERED_TAG = "vitae.registered_version"  # on the sweep's run: "<model>/<version>", registered once
@@ -182,13 +186,15 @@ def build_tuner(sweep: Sweep, storage: RunStorage, parent_run_id: str, concurren
         print(f"sweep {sweep.name}: resuming from {storage.url}", flush=True)
         return tune.Tuner.restore(experiment_path(sweep, storage), trainable, resume_errored=True,
                                   storage_filesystem=storage.filesystem)
+    asha = scheduler(sweep)
     return tune.Tuner(
         trainable,
         param_space={path: distribution.to_tune() for path, distribution in sweep.config.search.space.items()},
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=sweep.config.search.num_samples,
-                                    search_alg=searcher(sweep, concurrency.trials), scheduler=scheduler(sweep),
+                                    search_alg=searcher(sweep, concurrency.trials), scheduler=asha,
                                     trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=storage.path, storage_filesystem=storage.filesystem),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=storage.path, storage_filesystem=storage.filesystem,
+                                  callbacks=[SchedulerState(asha)] if asha else None),
     )
 
 
