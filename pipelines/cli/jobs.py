@@ -76,14 +76,25 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "predict", help="classify image files with a logged model",
+        "predict", help="classify image files, or a whole dataset split on Ray, with a logged model",
         description="Print the top-k classes of each image (any size; JPEG, PNG, WebP, BMP, ...) as the "
-                    "model's pyfunc interface answers them.",
+                    "model's pyfunc interface answers them. With --data instead of files: score a whole "
+                    "split of a prepared dataset, or every image under a folder or s3:// prefix, with Ray "
+                    "Data on the cluster at RAY_ADDRESS, and write the top-k of each to Parquet at --output.",
     )
     parser.add_argument("--model", required=True, metavar="URI",
                         help="an MLflow model URI, e.g. models:/NAME@champion or models:/NAME/3")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or --data)")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    parser.add_argument("--data", metavar="DEST|DIR|s3://BUCKET/PREFIX",
+                        help="a prepared dataset, or a folder or prefix of raw images: scored on Ray")
+    parser.add_argument("--split", help="with a prepared --data: the split to score (default: test)")
+    parser.add_argument("--output", metavar="DIR|s3://BUCKET/PREFIX",
+                        help="with --data: where the Parquet predictions go (required)")
+    parser.add_argument("--batch-size", type=int, default=64, help="with --data: images per forward pass (default: 64)")
+    parser.add_argument("--actors", type=int,
+                        help="with --data: scoring actors, each loading the model once (default: one per GPU, "
+                             "else 2)")
     parser.set_defaults(handler="pipelines.model_registry.prediction:predict_command")
 
 

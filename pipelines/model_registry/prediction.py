@@ -1,6 +1,7 @@
 """`vitae predict`, owned here: the top-k classes of image files through the model's pyfunc interface
 (what `mlflow.pyfunc.load_model` and a serving endpoint run). Files that cannot be read or decoded are
-left out before the model loads, and named in one line at the end (exit 2)."""
+left out before the model loads, and named in one line at the end (exit 2). With `--data`, the batch
+prediction on Ray (`batch_prediction`) answers instead."""
 
 from __future__ import annotations
 
@@ -11,13 +12,23 @@ import mlflow.pyfunc
 
 from data_prep.images import RejectedImage
 from infra.errors import UserError
+from pipelines.model_registry.batch_prediction import predict_dataset_command
 from pipelines.serving import decode
 from pipelines.tracking.client import answering, loading
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--actors", args.actors)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if bool(args.images) == bool(args.data):
+        raise UserError("give image files or --data (a dataset, folder or s3:// prefix), not both" if args.images
+                        else "nothing to predict: give image files or --data")
+    if args.data:
+        return predict_dataset_command(args)
+    extra = [flag for flag, value in (("--split", args.split), ("--output", args.output)) if value is not None]
+    if extra:
+        raise UserError(f"{extra[0]} applies only with --data")
     readable, problems = read_images(args.images)
     if readable:
         paths, pictures = zip(*readable)
