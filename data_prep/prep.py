@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from infra.errors import UserError
 from data_prep.conversion import Converted, convert_in_process
-from data_prep.ray_conversion import convert_on_ray
 from data_prep.manifest import (
     DATASET_NAME, MANIFEST_NAME, REJECTS_NAME, SPLITS, DatasetInfo, ShardRecord, manifest_to_parquet,
 )
@@ -158,6 +157,10 @@ def _convert(source: Source, by_split: dict[str, list[SourceImage]], staging: Pa
     planned = {split: shuffled(images, options.seed, split) for split, images in by_split.items()}
     shard_limits = (options.shard_max_samples, options.shard_max_bytes)
     if options.ray:
+        # imports ray: only when asked to, so that importing prep (the quickstart, the benchmarks do it
+        # before they start the stack) leaves Ray's settings to be read from the stack's environment
+        from data_prep.ray_conversion import convert_on_ray
+
         converted = convert_on_ray(planned, staging, options.max_side, *shard_limits, options.ray_tasks, progress)
     else:
         with tqdm(total=len(source.images), unit="img", desc="convert", disable=not progress) as bar:
