@@ -1,7 +1,7 @@
 """The embedded local stack: S3 (moto), MLflow server and Ray head as real processes on 127.0.0.1,
-kept in one private directory (state.json, stack.env, aws-credentials, logs/, mlflow/); `up`
-starts what is not running and reuses the rest, `down` stops exactly the recorded processes
-(docs/design/stack.md).
+kept in one private directory (state.json, stack.env, aws-credentials, logs/, mlflow/, s3/); `up`
+starts what is not running and reuses the rest, `down` stops exactly the recorded processes and,
+with `purge`, deletes the S3 objects' snapshot (docs/design/stack.md).
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ from cluster.ray_head import (
     ray_temp_dir,
     start_ray_head,
 )
-from cluster.s3_server import REGION, create_buckets, s3_server_healthy, start_s3_server
+from cluster.s3_server import REGION, create_buckets, s3_server_healthy, snapshot_header, start_s3_server
 from infra.errors import UserError
 
 SERVICES = ("s3", "mlflow", "ray")  # start order; `down` goes in reverse
 HEALTH_TIMEOUT_S = 60  # for a service found running that does not answer yet
+S3_STOP_TIMEOUT_S = 300  # the S3 server writes its last snapshot when stopped
 
 
 @dataclass
@@ -55,6 +56,7 @@ class StackSettings:
     data_bucket: str = "vitae-data"
     checkpoint_bucket: str = "vitae-checkpoints"
     ray_auth: bool = True
+    s3_snapshot_interval: int = 30  # seconds (at most 60: docs/design/s3.md)
     s3_port: int | None = None
     mlflow_port: int | None = None
     ray_port: int | None = None
@@ -94,6 +96,15 @@ class StackState:
 
     def ports(self, name: str) -> dict[str, int]:
         return self.services[name].ports if name in self.services else {}
+
+
+@dataclass(frozen=True)
+class ObjectsOnDisk:
+    """The S3 server's snapshot file: where, how large, when taken (None: no snapshot yet)."""
+
+    path: Path
+    size: int | None
+    written: float | None
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,7 @@ class Stack:
         self.env_path = self.directory / "stack.env"
         self.credentials_path = self.directory / "aws-credentials"
         self.logs = self.directory / "logs"
+        self.s3_snapshot = self.directory / "s3" / "objects.snapshot"
         self._saving = threading.Lock()
 
     def log_path(self, name: str) -> Path:
@@ -208,7 +220,7 @@ class Stack:
     def locked(self) -> Iterator[None]:
         """Hold the stack directory's lock (created if missing) for one command."""
         try:
-            for directory in (self.directory, self.logs, self.directory / "mlflow"):
+            for directory in (self.directory, self.logs, self.directory / "mlflow", self.s3_snapshot.parent):
                 private_directory(directory)
             lock = open_private_append(self.directory / ".lock")
         except OSError as error:
@@ -257,8 +269,16 @@ class Stack:
                 for name in SERVICES
             ]
 
-    def down(self) -> list[ServiceStatus]:
-        """Stop the recorded processes, Ray first; safe to repeat. Ports and credentials are kept."""
+    def objects_on_disk(self) -> ObjectsOnDisk:
+        try:
+            size, header = self.s3_snapshot.stat().st_size, snapshot_header(self.s3_snapshot)
+        except FileNotFoundError:
+            return ObjectsOnDisk(self.s3_snapshot, None, None)
+        return ObjectsOnDisk(self.s3_snapshot, size, header["written"])
+
+    def down(self, purge: bool = False) -> list[ServiceStatus]:
+        """Stop the recorded processes, Ray first; safe to repeat. Ports and credentials are kept,
+        and so are the S3 objects (the server writes its snapshot as it stops) unless `purge`."""
         if not self.state_path.exists():
             return []
         with self.locked():
@@ -267,13 +287,17 @@ class Stack:
             for name in reversed(SERVICES):
                 record = state.services[name]
                 pid = record.process.pid if record.process else None
-                was_running = record.process is not None and processes.stop(record.process)
+                timeout_s = S3_STOP_TIMEOUT_S if name == "s3" else 30
+                was_running = record.process is not None and processes.stop(record.process, timeout_s)
                 record.process = None
                 self.save(state)
                 address = service_address(name, record.ports)
                 stopped.append(ServiceStatus(name, address, pid, "stopped" if was_running else "not running"))
             self.env_path.unlink(missing_ok=True)
             self.credentials_path.unlink(missing_ok=True)
+            if purge:
+                for path in self.s3_snapshot.parent.iterdir():  # the snapshot and a partial one
+                    path.unlink()
             return stopped
 
     # --- helpers ---------------------------------------------------------------------------
@@ -353,7 +377,8 @@ class Stack:
     def _start_one(self, state: StackState, name: str) -> None:
         ports, log = state.ports(name), self.log_path(name)
         if name == "s3":
-            process = start_s3_server(port=ports["s3"], log_path=log, detach=True).process
+            process = start_s3_server(port=ports["s3"], log_path=log, detach=True, snapshot=self.s3_snapshot,
+                                      snapshot_interval_s=state.settings.s3_snapshot_interval).process
         elif name == "mlflow":
             process = start_mlflow_server(self.directory / "mlflow", ports["mlflow"], log).process
         else:

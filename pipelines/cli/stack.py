@@ -25,6 +25,12 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _snapshot_interval(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 60:
+        raise argparse.ArgumentTypeError(f"expected seconds from 1 to 60, got {text!r}")
+    return int(text)
+
+
 def _bucket(text: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a valid S3 bucket name")
@@ -51,6 +57,9 @@ def add_stack_parser(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--ray-port", type=_port, metavar="PORT", help="Ray GCS port (default: a free one)")
     up.add_argument("--ray-dashboard-port", type=_port, metavar="PORT", dest="dashboard_port",
                     help="Ray dashboard and jobs API port (default: a free one)")
+    up.add_argument("--s3-snapshot-interval", type=_snapshot_interval, metavar="SECONDS",
+                    help="how often the S3 objects are written to disk when they changed; a killed S3 "
+                         "server loses at most the writes of the last interval (default 30)")
     up.add_argument("--ray-auth", action=argparse.BooleanOptionalAction,
                     help="Ray token authentication (default: on)")  # fmt: skip
     up.set_defaults(handler="cluster.commands:stack_up")
@@ -61,4 +70,6 @@ def add_stack_parser(subparsers: argparse._SubParsersAction) -> None:
 
     down = commands.add_parser("down", help="stop exactly the processes the stack started")
     _add_dir(down)
+    down.add_argument("--purge", action="store_true",
+                      help="also delete the S3 objects (datasets, checkpoints) kept on disk")
     down.set_defaults(handler="cluster.commands:stack_down")

@@ -1,5 +1,7 @@
 """`vitae stack`: the embedded stack as a user runs it (CLI subprocesses, `source stack.env`), next
-to the session's own Ray head, which it must leave alone; and the session fixtures themselves."""
+to the session's own Ray head, which it must leave alone; and the session fixtures themselves.
+Its S3 objects (a dataset, a training run's checkpoints) survive a SIGKILL of the S3 server and
+`down`/`up`, and the training run resumes from them."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import configparser
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,12 +19,20 @@ from pathlib import Path
 
 import pytest
 
+from cluster import processes
+from cluster.processes import ProcessId
 from cluster.ray_head import ray_head_healthy, ray_session_logs, ray_temp_dir
+from cluster.s3_server import REGION, snapshot_header
+from infra.s3 import S3Config, make_client
 from tests.support.listening import listeners, not_on_loopback
 from tests.support.private_paths import shared_paths
+from tests.support.train_helpers import checkpointed_epoch, tiny_config, write_config
+from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_NUM_CPUS = 4
+SNAPSHOT_INTERVAL_S = 2  # of the stack's S3 server (default 30)
+DATA_URL, STORAGE_URL, RUN, EPOCHS = "s3://vitae-data/digits16", "s3://vitae-checkpoints/runs", "survivor", 3
 ENV_KEYS = {
     "AWS_ENDPOINT_URL_S3", "AWS_SHARED_CREDENTIALS_FILE", "AWS_DEFAULT_REGION",
     "VITAE_DATA_BUCKET", "VITAE_CHECKPOINT_BUCKET", "MLFLOW_TRACKING_URI",
@@ -90,7 +101,8 @@ class StackRun:
 def stack(tmp_path_factory, ray_cluster):
     """One stack for this module, started while the session's Ray head runs (two clusters)."""
     directory = tmp_path_factory.mktemp("stack") / ".vitae"
-    up = vitae("stack", "up", "--dir", directory, "--num-cpus", STACK_NUM_CPUS, env={**os.environ, **CALLER_CREDENTIALS})
+    up = vitae("stack", "up", "--dir", directory, "--num-cpus", STACK_NUM_CPUS, "--s3-snapshot-interval",
+               SNAPSHOT_INTERVAL_S, env={**os.environ, **CALLER_CREDENTIALS})
     assert up.returncode == 0, up.stderr
     yield StackRun(directory, up)
     vitae("stack", "down", "--dir", directory)
@@ -226,6 +238,78 @@ def test_status_shows_each_service_healthy(stack):
     assert rows["ray"][1:3] == ["healthy", env["RAY_ADDRESS"]]
 
 
+def stack_objects(stack: StackRun) -> dict[str, str]:
+    """bucket/key -> ETag of every object in the stack's S3."""
+    secrets = stack.secrets()
+    s3 = make_client(S3Config(endpoint_url=stack.env()["AWS_ENDPOINT_URL_S3"], region=REGION),
+                     key_pair=(secrets["aws_access_key_id"], secrets["aws_secret_access_key"]))
+    objects = {}
+    for bucket in ("vitae-data", "vitae-checkpoints"):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            objects.update({f"{bucket}/{item['Key']}": item["ETag"] for item in page.get("Contents", [])})
+    return objects
+
+
+def snapshot_taken(stack: StackRun) -> float:
+    return (snapshot_header(stack.directory / "s3" / "objects.snapshot") or {"written": 0.0})["written"]
+
+
+@dataclass
+class Survival:
+    killed_at_epoch: int  # the run's checkpointed epochs when the S3 server was killed
+    resumed: subprocess.CompletedProcess  # `vitae train` again, after `stack up`
+    final_epoch: int
+
+
+@pytest.fixture(scope="module")
+def survived_s3_kill(stack, tmp_path_factory) -> Survival:
+    """`vitae prep` a dataset and start `vitae train` (3 epochs, 1 worker); kill the driver once
+    epoch 1 is checkpointed; once the S3 server has taken a snapshot, SIGKILL it; `stack up`, then
+    `vitae train` again."""
+    home, env = tmp_path_factory.mktemp("survival"), stack.env()
+    prep = vitae("prep", "digits", "--out", DATA_URL, "--digits-size", 16, "--shard-max-samples", 170, env=env)
+    assert prep.returncode == 0, prep.stderr
+    config = write_config(home / "train.yaml", tiny_config(
+        RUN, DATA_URL, STORAGE_URL, scaling={"num_workers": 1}, schedule={"epochs": EPOCHS, "warmup_epochs": 0.5},
+        mlflow={"experiment": "stack-survival"}))
+    log = home / "first.log"
+    with log.open("w") as output, pytest.MonkeyPatch.context() as patch:
+        for key in ("AWS_ENDPOINT_URL_S3", "AWS_SHARED_CREDENTIALS_FILE"):
+            patch.setenv(key, env[key])
+        first = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--config", str(config)], env=env,
+                                 cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: first.poll() is not None or checkpointed_epoch(STORAGE_URL, RUN) >= 1, 300,
+                     "a checkpoint of epoch 1", lambda: log.read_text()[-3000:])
+            assert first.poll() is None, log.read_text()[-3000:]
+        finally:
+            processes.kill_child(first)  # the driver dies; its Ray Train run with it
+        killed = time.time()  # a snapshot taken after this holds what was written before
+        make_client(S3Config.from_env()).put_object(Bucket="vitae-data", Key="marker", Body=b"")  # one will come
+        wait_for(lambda: snapshot_taken(stack) > killed, 30, "an S3 snapshot",
+                 lambda: (stack.directory / "logs" / "s3.log").read_text()[-3000:])
+        s3 = ProcessId(**json.loads((stack.directory / "state.json").read_text())["services"]["s3"]["process"])
+        os.kill(s3.pid, signal.SIGKILL)
+        wait_for(lambda: not processes.is_running(s3), 30, "the S3 server gone")
+        up = vitae("stack", "up", "--dir", stack.directory)
+        assert up.returncode == 0, up.stderr
+        assert [line.split()[:2] for line in up.stdout.splitlines() if line.startswith("  ")] == [
+            ["s3", "started"], ["mlflow", "running"], ["ray", "running"]]
+        killed_at_epoch = checkpointed_epoch(STORAGE_URL, RUN)
+        resumed = vitae("train", "--config", config, env=env)
+        return Survival(killed_at_epoch, resumed, checkpointed_epoch(STORAGE_URL, RUN))
+
+
+def test_a_killed_s3_server_keeps_the_dataset_and_checkpoints_and_training_resumes(stack, survived_s3_kill):
+    survival = survived_s3_kill
+    assert survival.killed_at_epoch >= 1  # the checkpoint written since `up` survived the SIGKILL
+    assert survival.resumed.returncode == 0, (survival.resumed.stdout + survival.resumed.stderr)[-4000:]
+    assert f"run {RUN}: resuming after epoch {survival.killed_at_epoch} of {EPOCHS}" in survival.resumed.stdout
+    assert survival.final_epoch == EPOCHS
+    verify = vitae("verify", DATA_URL, env=stack.env())
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 def test_registered_model_survives_restart(stack, tmp_path):
     from mlflow import MlflowClient
 
@@ -237,8 +321,12 @@ def test_registered_model_survives_restart(stack, tmp_path):
     client.log_artifacts(run_id, str(tmp_path / "model"), "model")
     client.create_registered_model("tiny")
     version = client.create_model_version("tiny", f"runs:/{run_id}/model", run_id).version
+    objects = stack_objects(stack)
 
-    assert vitae("stack", "down", "--dir", stack.directory).returncode == 0
+    down = vitae("stack", "down", "--dir", stack.directory)
+    assert down.returncode == 0
+    snapshot = stack.directory / "s3" / "objects.snapshot"
+    assert f"S3 objects: {snapshot} (" in down.stdout and "`vitae stack down --purge` deletes them" in down.stdout
     restarted = vitae("stack", "up", "--dir", stack.directory, "--num-cpus", STACK_NUM_CPUS)
     assert restarted.returncode == 0, restarted.stderr
 
@@ -247,20 +335,31 @@ def test_registered_model_survives_restart(stack, tmp_path):
     assert client.get_model_version("tiny", version).run_id == run_id
     restored = client.download_artifacts(run_id, "model/weights.txt", str(tmp_path / "restored"))
     assert Path(restored).read_text() == "tiny weights"
+    assert stack_objects(stack) == objects  # the S3 objects, written back by the stopping server
+
+
+def test_status_shows_where_the_s3_objects_are_and_how_large(stack):
+    status = vitae("stack", "status", "--dir", stack.directory)
+    snapshot = stack.directory / "s3" / "objects.snapshot"
+    size = f"{snapshot.stat().st_size / 1e6:.1f} MB"
+    assert f"S3 objects: {snapshot} ({size}, snapshot of " in status.stdout, status.stdout
+    assert snapshot.stat().st_mode & 0o777 == 0o600
 
 
 def test_down_twice_stops_exactly_the_stack(stack, ray_cluster):
     members = session_members(list(recorded_pids(stack.directory).values()))
     assert members
-    first = vitae("stack", "down", "--dir", stack.directory)
+    first = vitae("stack", "down", "--dir", stack.directory, "--purge")
     assert first.returncode == 0
     assert [line.split()[:2] for line in first.stdout.splitlines()] == [
-        ["ray:", "stopped"], ["mlflow:", "stopped"], ["s3:", "stopped"]
+        ["ray:", "stopped"], ["mlflow:", "stopped"], ["s3:", "stopped"], ["S3", "objects"]
     ]
+    assert not list((stack.directory / "s3").iterdir())  # --purge: the objects' snapshot is gone
     second = vitae("stack", "down", "--dir", stack.directory)
     assert second.returncode == 0
     assert [line.split()[:3] for line in second.stdout.splitlines()] == [
-        ["ray:", "not", "running"], ["mlflow:", "not", "running"], ["s3:", "not", "running"]
+        ["ray:", "not", "running"], ["mlflow:", "not", "running"], ["s3:", "not", "running"],
+        ["S3", "objects:", str(stack.directory / "s3" / "objects.snapshot")]
     ]
     alive = run(["ps", "-o", "pid=,stat=", "-p", ",".join(map(str, members))]).stdout.split()
     assert all(stat.startswith("Z") for stat in alive[1::2]), alive
