@@ -119,3 +119,14 @@ def test_a_cycle_and_an_upward_import_are_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     node = ast.parse("from pipelines.cli import main").body[0]
     assert imported_names(node, "infra.errors", False) == ["pipelines.cli", "pipelines.cli.main"]
+
+
+def places(pattern: str) -> list[str]:
+    """The modules of ours whose source matches `pattern`."""
+    return sorted(module for module, path in our_modules().items() if re.search(pattern, path.read_text()))
+
+
+def test_mlflow_has_one_owner_and_no_process_wide_default_is_changed():
+    assert places(r"MlflowClient\(") == ["pipelines.tracking.client"]
+    assert places(r"QUICK_RETRIES|MLFLOW_HTTP_REQUEST") == ["pipelines.tracking.client"]
+    assert places(r"set_tracking_uri\(|set_registry_uri\(") == []

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from infra.errors import UserError
-from pipelines.tracking.client import TrackingServer, failure, not_found
+from pipelines.tracking.client import TrackingServer, failure, logged_model_id, not_found
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -61,12 +61,32 @@ def alias_version(model_name: str, alias: str, client: MlflowClient | None = Non
 def register_challenger(model_uri: str, model_name: str, tags: Mapping[str, object],
                         server: TrackingServer | None = None) -> str:
     """Register `model_uri` as a new version of `model_name` at `server` (default: the environment's),
-    tagged, and alias it `challenger`."""
+    tagged, and alias it `challenger`. A logged model (`models:/m-...`, what training logs) is
+    registered through `server`'s own client; MLflow resolves any other URI (runs:/, a registered
+    version, a storage path) on the environment's server only."""
     server = server or TrackingServer.at()
-    with server.as_default():  # `mlflow.register_model` takes no tracking URI
-        version = mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()}).version
-    server.client().set_registered_model_alias(model_name, CHALLENGER, version)
+    client = server.client()
+    tags = {key: str(value) for key, value in tags.items()}
+    model_id = logged_model_id(model_uri)
+    if model_id:
+        _ensure_registered_model(client, model_name)
+        version = client.create_model_version(model_name, model_uri, tags=tags, model_id=model_id).version
+    elif server == TrackingServer.at():
+        version = mlflow.register_model(model_uri, model_name, tags=tags).version
+    else:
+        raise ValueError(f"only a logged model's URI can be registered at another server than the environment's: "
+                         f"{model_uri}")
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
+
+
+def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
+    """`model_name` in the registry (created unless it is, also when another process races us)."""
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
 
 
 def challenger_version(model_name: str, version: str | None = None, client: MlflowClient | None = None) -> str:

@@ -26,7 +26,7 @@ from pipelines.model_packaging import ClassifierInfo
 from pipelines.model_registry.options import DEFAULT_BATCH_SIZE, DEFAULT_LOADER_WORKERS, EvaluateOptions, resolve_options
 from pipelines.serving import load_classifier
 from pipelines.tracking import plots
-from pipelines.tracking.client import TrackingServer, answering, loading
+from pipelines.tracking.client import TrackingServer, answering, loading, model_files_uri
 from pipelines.training.augment import EvalTransform
 from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader
 from pipelines.training.validation import EvalTotals, evaluate
@@ -93,10 +93,9 @@ def load_model(model_uri: str, device: torch.device,
                server: TrackingServer | None = None) -> tuple[nn.Module, ClassifierInfo]:
     """The logged `PackagedClassifier` (uint8 in, logits out) on `device`, with its metadata."""
     server = server or TrackingServer.at()
-    # `models:/<logged model id>` is looked up on the process's default server whatever the arguments say
-    with loading(model_uri, server), server.as_default(), tempfile.TemporaryDirectory(prefix="vitae-") as directory:
-        path = mlflow.artifacts.download_artifacts(model_uri, dst_path=directory, tracking_uri=server.uri,
-                                                   registry_uri=server.uri)
+    with loading(model_uri, server), tempfile.TemporaryDirectory(prefix="vitae-") as directory:
+        path = mlflow.artifacts.download_artifacts(model_files_uri(model_uri, server), dst_path=directory,
+                                                   tracking_uri=server.uri)
         return load_classifier(path, device)
 
 

@@ -1,16 +1,18 @@
 """MLflow access, owned here: the one place an `MlflowClient` is built (`TrackingServer`, its URI
-explicit), the request policy (quick, bounded retries instead of MLflow's ~4 minutes), and how a
-failure reads: a server that did not answer vs a real "not found", one line without the URI's
-credentials. Why the retry policy goes through MLflow's variables: docs/design/tracking.md."""
+explicit), the request policy (quick, bounded retries instead of MLflow's ~4 minutes; patience only
+where asked for), where a model URI's files are, and how a failure reads: a server that did not
+answer vs a real "not found", one line without the URI's credentials. Why: docs/design/tracking.md."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 import mlflow
@@ -25,8 +27,15 @@ from infra.errors import UserError
 # variables wins.
 QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+PATIENCE_S = 240.0  # how long `patiently` waits for a server that does not answer (MLflow's own default)
+MAX_PAUSE_S = 30.0
+_LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]{32})/?$")
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 _USERINFO = re.compile(r"(?<=://)[^/@]+@")
 _MISSING_ALIAS = re.compile(r"alias .* not found", re.IGNORECASE)
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,9 @@ class TrackingServer:
         return cls(uri or mlflow.get_tracking_uri())
 
     def client(self) -> MlflowClient:
-        """A client of this server's runs and model registry."""
+        """A client of this server's runs and model registry; this process's MLflow requests get
+        `QUICK_RETRIES` from now on."""
+        use_quick_retries()
         return MlflowClient(self.uri, registry_uri=self.uri)
 
     @property
@@ -49,31 +60,29 @@ class TrackingServer:
         """The URI without credentials."""
         return without_credentials(self.uri)
 
-    @contextlib.contextmanager
-    def as_default(self) -> Iterator[None]:
-        """This server, inside the block, for MLflow's functions that take no tracking URI
-        (`Model.log`, `mlflow.register_model`, `mlflow.pyfunc.load_model`)."""
-        previous = mlflow.get_tracking_uri()
-        if previous == self.uri:
-            yield
-            return
-        mlflow.set_tracking_uri(self.uri)
+
+
+def use_quick_retries() -> None:
+    """MLflow reads its request policy from these variables at each request (no client takes one):
+    they are set once for the process and never put back; a user's own setting wins."""
+    for key, value in QUICK_RETRIES.items():
+        os.environ.setdefault(key, value)
+
+
+def patiently(call: Callable[[], T], doing: str, server: TrackingServer, patience_s: float = PATIENCE_S) -> T:
+    """`call()`, tried again while `server` does not answer (a server starting or restarting), pausing
+    1, 2, 4 ... 30 s, for up to `patience_s`; then its last failure is raised."""
+    deadline, pause = time.monotonic() + patience_s, 1.0
+    while True:
         try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(previous)
-
-
-@contextlib.contextmanager
-def quick_retries() -> Iterator[None]:
-    """MLflow requests in this block use `QUICK_RETRIES` (unless the user set these variables)."""
-    added = {key: value for key, value in QUICK_RETRIES.items() if key not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+            return call()
+        except Exception as error:
+            if not unreachable(error) or time.monotonic() + pause > deadline:
+                raise
+            logger.warning(f"the MLflow server {server.shown} did not answer ({doing}): "
+                           f"trying again in {pause:.0f} s")
+            time.sleep(pause)
+            pause = min(2 * pause, MAX_PAUSE_S)
 
 
 def unreachable(error: Exception) -> bool:
@@ -106,13 +115,13 @@ def failure(error: Exception, doing: str, server: TrackingServer | None = None) 
 def answering(doing: str, server: TrackingServer | None = None) -> Iterator[None]:
     """MLflow requests in this block use quick retries; a server that does not answer ends it in one
     `UserError` line naming the server (`doing` says what was being done)."""
-    with quick_retries():
-        try:
-            yield
-        except Exception as error:
-            if not unreachable(error):
-                raise
-            raise failure(error, doing, server) from None
+    use_quick_retries()
+    try:
+        yield
+    except Exception as error:
+        if not unreachable(error):
+            raise
+        raise failure(error, doing, server) from None
 
 
 def check_model_uri(model_uri: str) -> None:
@@ -134,6 +143,28 @@ def loading(model_uri: str, server: TrackingServer | None = None) -> Iterator[No
         if unreachable(error):
             raise failure(error, f"loading model {model_uri}", server) from None
         raise UserError(f"cannot load model {model_uri}: {short(error)}") from None
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """The id in a logged model's URI (`models:/m-...`, what model logging returns); else None."""
+    match = _LOGGED_MODEL_URI.match(model_uri)
+    return match.group(1) if match else None
+
+
+def model_files_uri(model_uri: str, server: TrackingServer) -> str:
+    """Where the files of `model_uri` are, asked of `server` itself: a logged model's or a registered
+    version's artifact location (MLflow would resolve those on the process's default server); any
+    other URI as it is."""
+    client = server.client()
+    registered = _REGISTRY_URI.match(model_uri)
+    if registered:
+        name, alias, version = registered.group("name", "alias", "version")
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        if not found.model_id:  # registered from a run's or a storage path's files
+            return client.get_model_version_download_uri(name, found.version)
+        model_uri = f"models:/{found.model_id}"
+    model_id = logged_model_id(model_uri)
+    return client.get_logged_model(model_id).artifact_location if model_id else model_uri
 
 
 def without_credentials(text: str) -> str:

@@ -1,19 +1,22 @@
 """Model logging, owned here: a trained model packaged (`model_packaging.package`) and logged to its
-MLflow run with the project's flavour (`pipelines.serving`), once per run, its URI recorded in the
-run's `vitae.model_uri` tag."""
+MLflow run's server as an MLflow logged model with the project's flavour (`pipelines.serving`),
+once per run, its URI recorded in the run's `vitae.model_uri` tag."""
 
 from __future__ import annotations
 
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.models import Model
 from torch import nn
 
 from pipelines import serving
 from pipelines.model_packaging import ClassifierInfo, package
-from pipelines.tracking.client import TrackingServer
+from pipelines.tracking.client import TrackingServer, patiently
 from pipelines.tracking.runs import MODEL_URI_TAG
 
 MODEL_NAME = "model"  # the logged model's name within its run
@@ -34,6 +37,10 @@ class ModelLog:
 
     def log(self, model: nn.Module, info: ClassifierInfo, source: str) -> str:
         """Log the final model; `source` says which weights (e.g. "ema")."""
+        return patiently(lambda: self._log(model, info, source), f"logging the model of run {self.run_id}",
+                         self.server)
+
+    def _log(self, model: nn.Module, info: ClassifierInfo, source: str) -> str:
         uri = log_classifier(model, info, self.run_id, self.server)
         self.client.set_tag(self.run_id, MODEL_URI_TAG, uri)
         self.client.set_tag(self.run_id, MODEL_WEIGHTS_TAG, source)
@@ -42,15 +49,34 @@ class ModelLog:
 
 def log_classifier(model: nn.Module, info: ClassifierInfo, run_id: str, server: TrackingServer | None = None) -> str:
     """Log `model` to the MLflow run `run_id` (which must exist) of `server` (default: the
-    environment's); return the logged model's URI."""
-    with (server or TrackingServer.at()).as_default():  # `Model.log` takes no tracking URI
-        logged = Model.log(
-            artifact_path=None,  # deprecated for `name`, but still a required positional parameter
-            name=MODEL_NAME, flavor=serving, run_id=run_id, metadata=info.metadata(),
-            pytorch_model=package(model, info), signature=serving.signature(),
-            input_example=serving.input_example(info.img_size), pip_requirements=requirements(),
-        )
-    return logged.model_uri
+    environment's) as a logged model (created, its files uploaded, then marked ready) that the run
+    lists among its outputs; return the logged model's URI."""
+    client = (server or TrackingServer.at()).client()
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                        params=run.data.params)
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        description = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                            metadata=info.metadata(), model_id=logged.model_id)
+        with tempfile.TemporaryDirectory(prefix="vitae-model-") as directory:
+            files = str(Path(directory) / MODEL_NAME)
+            serving.save_model(package(model, info), files, mlflow_model=description, signature=serving.signature(),
+                               input_example=serving.input_example(info.img_size), pip_requirements=requirements())
+            client.log_model_artifacts(logged.model_id, files)
+    except BaseException:
+        _mark_failed(client, logged.model_id)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return f"models:/{logged.model_id}"
+
+
+def _mark_failed(client: MlflowClient, model_id: str) -> None:
+    """Best effort: the server may be why logging failed."""
+    try:
+        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    except Exception:
+        pass
 
 
 def requirements() -> list[str]:

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from pipelines.tracking.client import TrackingServer, quick_retries, short, unreachable
+from pipelines.tracking.client import TrackingServer, patiently, short, unreachable
 
 RUN_NAME_TAG = "vitae.run_name"
 SWEEP_NAME_TAG = "vitae.sweep_name"
@@ -36,7 +36,14 @@ class TrackedRun:
     def open(cls, server: TrackingServer, experiment: str, run_id: str | None, run_name: str,
              tags: Mapping[str, str], params: Mapping[str, Any], config_yaml: str, find: FindRun | None = None):
         """Run `run_id` of `experiment` (created if new), else the one `find` finds, else a new run; its
-        config is logged once; it is marked running."""
+        config is logged once; it is marked running. A server that does not answer is waited for
+        (`patiently`): it may be starting."""
+        return patiently(lambda: cls._open(server, experiment, run_id, run_name, tags, params, config_yaml, find),
+                         f"opening MLflow run {run_name}", server)
+
+    @classmethod
+    def _open(cls, server: TrackingServer, experiment: str, run_id: str | None, run_name: str,
+              tags: Mapping[str, str], params: Mapping[str, Any], config_yaml: str, find: FindRun | None):
         client = server.client()
         experiment_id = ensure_experiment(client, experiment)
         run_id = run_id or (find(client, experiment_id, run_name) if find else None)
@@ -78,11 +85,10 @@ class TrackedRun:
 
 
 def attempt(send: Callable[[], Any], if_unreachable: str) -> bool:
-    """Run `send` with quick retries; if MLflow does not answer, warn (`if_unreachable` says what
-    follows) and return False. Other errors are raised."""
+    """Run `send` (quick retries); if MLflow does not answer, warn (`if_unreachable` says what follows)
+    and return False. Other errors are raised."""
     try:
-        with quick_retries():
-            send()
+        send()
     except Exception as error:
         if not unreachable(error):
             raise

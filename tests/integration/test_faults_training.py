@@ -33,7 +33,7 @@ import torch
 from mlflow import MlflowClient
 
 from infra import object_store
-from pipelines.tracking.client import TrackingServer
+from pipelines.tracking.client import TrackingServer, model_files_uri
 from pipelines.tracking.runs import MODEL_URI_TAG, RUN_NAME_TAG
 from pipelines.tracking.training_run import TrainingRun
 from tests.conftest import RAY_AUTH_TOKEN, TEST_ACCESS_KEY, TEST_SECRET_KEY
@@ -271,8 +271,8 @@ def test_no_secret_in_the_jobs_logs_metadata_or_mlflow(scenario, tmp_path):
     texts = [scenario.first_logs, scenario.second_output, *infos, json.dumps(run.data.params),
              json.dumps(run.data.tags)]
     client.download_artifacts(run.info.run_id, "", str(tmp_path / "run"))
-    with TrackingServer.at(scenario.mlflow_uri).as_default():  # a logged model's URI names no server
-        mlflow.artifacts.download_artifacts(run.data.tags[MODEL_URI_TAG], dst_path=str(tmp_path / "model"))
+    model_files = model_files_uri(run.data.tags[MODEL_URI_TAG], TrackingServer.at(scenario.mlflow_uri))
+    mlflow.artifacts.download_artifacts(model_files, dst_path=str(tmp_path / "model"), tracking_uri=scenario.mlflow_uri)
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert {"config.yaml", "learning_curves.png", "confusion_matrix.png"} <= {path.name for path in files}
     assert any(path.name == "MLmodel" for path in files)

@@ -1,5 +1,6 @@
-"""The MLflow owner's promises that need no server: clients and the default tracking URI are
-explicit and scoped, the retry policy is put back, the registry options are light to import."""
+"""The MLflow owner's promises that need no server: clients are explicit and leave the default
+tracking URI alone, the retry policy is quick unless the user set one, patience is bounded and only
+for a server that does not answer, the registry options are light to import."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import os
 import subprocess
 import sys
 
-import mlflow
+import time
 
-from pipelines.tracking.client import QUICK_RETRIES, TrackingServer, quick_retries, without_credentials
+import mlflow
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+from pipelines.tracking.client import (QUICK_RETRIES, TrackingServer, logged_model_id, patiently,
+                                       without_credentials)
 
 ELSEWHERE = "http://127.0.0.1:9"
 
@@ -21,22 +28,58 @@ def test_a_client_talks_to_its_own_server_and_leaves_the_process_default_alone()
     assert mlflow.get_tracking_uri() == before
 
 
-def test_the_default_server_is_set_for_the_block_only():
-    before = mlflow.get_tracking_uri()
-    with TrackingServer.at(ELSEWHERE).as_default():
-        assert mlflow.get_tracking_uri() == ELSEWHERE
-    assert mlflow.get_tracking_uri() == before
-    assert TrackingServer.at().uri == before
-
-
-def test_quick_retries_are_put_back_and_a_users_setting_wins(monkeypatch):
+def test_a_client_sets_quick_retries_and_a_users_setting_wins(monkeypatch):
     for name in QUICK_RETRIES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
-    with quick_retries():
-        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == QUICK_RETRIES["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
-        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    TrackingServer.at(ELSEWHERE).client()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == QUICK_RETRIES["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+def no_answer() -> MlflowException:
+    return MlflowException("API request failed: connection refused", error_code=INTERNAL_ERROR)
+
+
+def test_patiently_tries_again_while_the_server_does_not_answer(caplog):
+    answers = [no_answer(), no_answer(), "run-1"]
+
+    def call():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    started = time.monotonic()
+    assert patiently(call, "opening a run", TrackingServer(ELSEWHERE), patience_s=60) == "run-1"
+    assert 3 <= time.monotonic() - started < 10  # pauses of 1 s, then 2 s
+    assert [record.message for record in caplog.records] == [
+        f"the MLflow server {ELSEWHERE} did not answer (opening a run): trying again in {pause} s" for pause in (1, 2)]
+
+
+def test_patiently_gives_up_after_its_patience_and_never_repeats_a_refusal():
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise MlflowException("no such experiment", error_code=INVALID_PARAMETER_VALUE)
+
+    with pytest.raises(MlflowException, match="no such experiment"):
+        patiently(refused, "opening a run", TrackingServer(ELSEWHERE))
+    assert len(calls) == 1
+
+    def unanswered():
+        calls.append(1)
+        raise no_answer()
+
+    with pytest.raises(MlflowException, match="connection refused"):
+        patiently(unanswered, "opening a run", TrackingServer(ELSEWHERE), patience_s=0.5)
+    assert len(calls) == 2
+
+
+def test_only_a_logged_models_uri_has_a_logged_model_id():
+    assert logged_model_id("models:/m-0123456789abcdef0123456789abcdef") == "m-0123456789abcdef0123456789abcdef"
+    assert logged_model_id("models:/vitae@champion") is None and logged_model_id("runs:/abc/model") is None
 
 
 def test_a_servers_shown_uri_has_no_credentials():
