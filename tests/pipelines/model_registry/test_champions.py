@@ -105,20 +105,45 @@ def test_promote_and_rollback_need_their_aliases(model_name):
         champions.promote(model_name, evaluate_by_tag(), version=register_version(model_name, 0.6), metric="top5")
 
 
+def after(signal: threading.Event, wait: threading.Event, evaluate):
+    """`evaluate`, first saying it has started (`signal`), then waiting for `wait`."""
+    def scored(uri: str) -> dict:
+        signal.set()
+        assert wait.wait(60), "the other promotion did not get there within 60 s"
+        return evaluate(uri)
+
+    return scored
+
+
 def race(model_name: str, lock_store: ObjectStore | None) -> list[champions.Promotion]:
-    """Two promotions at once: challenger A (0.9) and, a moment later, challenger B (0.7)."""
+    """Two promotions at once: challenger A (0.9), and B (0.7) started while A is under way. Without a
+    lease, in the worst order: both read the champion before either scores, and B scores once A has
+    finished. With one, B starts once A holds the lease."""
     register_version(model_name, 0.5)
     champions.promote(model_name, evaluate_by_tag())
     strong, weak = register_version(model_name, 0.9), register_version(model_name, 0.7)
     outcomes = []
+    strong_scoring, weak_scoring, strong_done = threading.Event(), threading.Event(), threading.Event()
 
-    def run(version: str) -> None:
+    def run(version: str, evaluate, done: threading.Event) -> None:
         lease = Lease(lock_store, f"locks/{model_name}", poll_s=0.1) if lock_store else None
-        outcomes.append(champions.promote(model_name, evaluate_by_tag(0.6), version=version, lease=lease))
+        try:
+            outcomes.append(champions.promote(model_name, evaluate, version=version, lease=lease))
+        finally:
+            done.set()
 
-    threads = [threading.Thread(target=run, args=(strong,)), threading.Thread(target=run, args=(weak,))]
+    if lock_store:
+        evaluations = evaluate_by_tag(0.6), evaluate_by_tag()
+    else:
+        evaluations = (after(strong_scoring, weak_scoring, evaluate_by_tag()),
+                       after(weak_scoring, strong_done, evaluate_by_tag()))
+    threads = [threading.Thread(target=run, args=(strong, evaluations[0], strong_done)),
+               threading.Thread(target=run, args=(weak, evaluations[1], threading.Event()))]
     threads[0].start()
-    time.sleep(0.2)
+    if lock_store:
+        wait_for(lambda: lock_store.head(f"locks/{model_name}") is not None, 60, "promotion A holds the lease")
+    else:
+        assert strong_scoring.wait(60), "promotion A did not start scoring within 60 s"
     threads[1].start()
     for thread in threads:
         thread.join()
