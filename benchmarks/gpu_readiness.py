@@ -3,17 +3,7 @@
 
     python -m benchmarks.gpu_readiness [--batch-size 128] [--channels-last] [--peak-tflops 989]
 
-A training step is forward, backward and AdamW on a random batch (`benchmarks.model_speed.measure`,
-attention through `scaled_dot_product_attention`, 1000 classes), on one GPU (`--device`): the figures
-are per GPU. `--warmup` steps are not timed (torch.compile, default inductor backend, compiles in
-them); the timed steps lie between two `torch.cuda.synchronize()` calls.
-
-MFU = achieved FLOP/s / peak FLOP/s, with achieved FLOP/s = images/s x training FLOPs per image.
-Training FLOPs are taken as 3x the forward FLOPs (the backward pass costs about twice the forward);
-the forward FLOPs are `vitae.flops.model_stats`' count (torch's FlopCounterMode on the meta device,
-2 FLOPs per multiply-add). The peak is the GPU's dense bf16 tensor-core rate, from the table below
-by device name, or `--peak-tflops`. On a machine without CUDA it says so and exits with status 0.
-"""
+Method: docs/benchmarks.md."""
 
 from __future__ import annotations
 

@@ -7,12 +7,7 @@ memory, the ceiling of one loader worker.
 
     python -m benchmarks.input_speed --images 2000 --side 256 --img-size 224 --workers 2
 
-The images are generated JPEGs, prepared by `data_prep.prep.prepare` into S3 and into a local
-directory; the loaders, transform and batch come from a training config through
-`pipelines.training.worker.build_data`, as in a training job. Every loader reads one epoch of the training
-split per round (its DataLoader workers started anew, as training does each epoch); loaders alternate
-within a round and each keeps its best round. The last line is the headline ratio.
-"""
+Method: docs/benchmarks.md."""
 
 from __future__ import annotations
 

@@ -4,11 +4,7 @@ the same model, in the same run.
 
     python -m benchmarks.model_speed --model vitae_t --img-size 224 --batch-size 16
 
-Each measurement runs in a fresh subprocess so that its peak memory is its own: on CUDA the
-allocator's peak, on CPU the process's peak resident set size. The two paths alternate for
-`--repeats` rounds and each keeps its best round, so that load from other processes on a shared
-machine does not decide the comparison.
-"""
+Method: docs/benchmarks.md."""
 
 from __future__ import annotations
 

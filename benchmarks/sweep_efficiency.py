@@ -4,12 +4,7 @@ pick the same best configuration.
 
     python -m benchmarks.sweep_efficiency --samples 4 --epochs 4 --concurrent 2
 
-Both sweeps are `pipelines.tuning.driver.run_sweep` of `configs/digits_sweep.yaml` (its search space, seed and
-ASHA settings) with these sizes as overrides, on a real Ray head, reading digits from a real moto
-S3 server and tracked by a real `mlflow server` (free ports, stopped at the end); nothing is
-registered. The same seed samples the same trials in both. Trial-epochs, the trial table and the
-best trial are read back from each sweep's MLflow run. The last line is the headline.
-"""
+Method: docs/benchmarks.md."""
 
 from __future__ import annotations
 

@@ -4,18 +4,7 @@ data loader, batch and step code, in the same run; and the fixed cost of startin
 
     python -m benchmarks.train_step --epochs 3
 
-The job is `pipelines.training.driver.fit` of `configs/digits_vitae_t.yaml` with one worker (its `--threads`
-CPUs, so Ray gives it as many intra-op threads), on a real Ray head, reading digits from a real
-moto S3 server and logging to a real `mlflow server` (all on free ports, stopped at the end); its
-figures are the per-epoch metrics it logs to MLflow. The plain loop is the job's own pieces run in
-this process without Ray (`build_model`, `build_data`, `fresh_training`, `train_loader`,
-`train_epoch`, `epoch_metrics` of `pipelines.training.worker`), with `torch.set_num_threads(--threads)`,
-once before and once after the job. Each run is represented by its fastest epoch after the first
-(the first warms up; on a shared machine the fastest is the one least slowed by others). The
-fixed cost is the wall time of `fit()` minus the job's epoch times (training and validation), and
-the time from calling `fit()` until the job's MLflow run exists (worker started, data and model
-built), just before its first step. The last line is the headline.
-"""
+Method: docs/benchmarks.md."""
 
 from __future__ import annotations
 
