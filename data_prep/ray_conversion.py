@@ -1,7 +1,7 @@
 """`vitae prep --ray`: the conversion as Ray tasks on the cluster at RAY_ADDRESS. Encode tasks judge
 consecutive chunks of each split's planned images; the driver places the shard boundaries from their
 sizes (`ShardPlanner`, ShardWriter's rule) and write tasks each write whole shards to the staging
-directory: the same shards and rejects as `convert_in_process`. Design: docs/design/dataset-format.md."""
+directory: the same shards and rejects as `convert_in_process`. Why and how fast: docs/datasets.md."""
 
 from __future__ import annotations
 

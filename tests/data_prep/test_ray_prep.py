@@ -1,6 +1,6 @@
-"""`vitae prep --ray` against the session's Ray cluster: the same bytes as the single-process path
-(shards, manifest, rejects, dataset.json), bad images reported as rejects; and a Parquet source
-converted in bounded memory (peak RSS of the `vitae prep` process)."""
+"""`vitae prep --ray` against the session's Ray cluster, in this process and as a Ray job: the same
+bytes as the single-process path (shards, manifest, rejects, dataset.json), bad images reported as
+rejects; and a Parquet source converted in bounded memory (peak RSS of the `vitae prep` process)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from PIL import Image
 from data_prep import ray_conversion
 from pipelines.cli import main
 from tests.data_prep.test_prep import BAD_FOLDER, image_bytes, write_files
+from tests.support.train_helpers import ray_job
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,6 +53,16 @@ def test_ray_prep_writes_the_single_process_bytes(ray_cluster, tmp_path, monkeyp
     rejected = {json.loads(line)["source_id"] for line in single["rejects.jsonl"].decode().splitlines()}
     assert rejected == {"c0/truncated.jpg", "c1/text.png", "c2/notes.txt"}
     assert "images:    60" in out and "rejected:  3" in out
+
+
+def test_ray_prep_runs_as_a_ray_job(ray_cluster, tmp_path):
+    """`ray job submit -- python -m pipelines.cli prep ... --ray`: the job's driver converts on the cluster."""
+    dest, options = tmp_path / "job", ["--digits-size", "8", "--shard-max-samples", "500"]
+    done = ray_job("submit", "--", sys.executable, "-m", "pipelines.cli", "prep", "digits", "--out", str(dest),
+                   "--ray", *options, cwd=REPO_ROOT)
+    assert "images:    1797" in done.stdout, done.stdout[-2000:]
+    assert main(["prep", "digits", "--out", str(tmp_path / "single"), *options]) == 0
+    assert dataset_files(dest) == dataset_files(tmp_path / "single")
 
 
 def test_ray_tasks_are_retried():
