@@ -5,13 +5,14 @@ a `Reject`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from infra.errors import UserError
 
@@ -197,13 +198,25 @@ def _spill_images(parquet, column: str, file: Path, spill: Path) -> list[Spilled
     readers: list[SpilledBytes | None] = []
     with open(spill, "wb") as out:
         for group in range(parquet.num_row_groups):
-            images = _image_bytes(parquet.read_row_group(group, columns=[column]).column(column), column, file)
+            with _reading(file):
+                images = _image_bytes(parquet.read_row_group(group, columns=[column]).column(column), column, file)
             for value in images:
                 data = value.as_py()
                 readers.append(None if data is None else SpilledBytes(spill, out.tell(), len(data)))
                 if data is not None:
                     out.write(data)
     return readers
+
+
+@contextlib.contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """A Parquet file whose footer read but whose data does not: one line naming it."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"{file}: unreadable Parquet data ({' '.join(str(error).split())})") from None
 
 
 def _image_bytes(chunked, column: str, file: Path):
@@ -221,7 +234,10 @@ def _parquet_labels(opened, options: SourceOptions, path: Path) -> tuple[list[li
     """Per-file label indices (None where missing) and the class names."""
     import pyarrow as pa
 
-    columns = [parquet.read(columns=[options.label_column]).column(0) for _, parquet in opened]
+    columns = []
+    for file, parquet in opened:
+        with _reading(file):
+            columns.append(parquet.read(columns=[options.label_column]).column(0))
     if all(pa.types.is_integer(c.type) for c in columns):
         labels = [c.to_pylist() for c in columns]
         names = options.class_names or _hf_class_names(opened, options.label_column)

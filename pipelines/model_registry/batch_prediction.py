@@ -121,15 +121,33 @@ def predict_dataset(model_uri: str, data: str, split: str | None, output: str, t
     scored = read_source(data, split, info.class_names, model_uri).map_batches(
         Scorer, fn_constructor_args=(model_uri, server.uri, top_k), batch_size=batch_size, batch_format="pyarrow",
         concurrency=actors or gpus or DEFAULT_ACTORS, num_gpus=1 if gpus else 0, num_cpus=1).materialize()
-    bad = scored.filter(lambda row: row["problem"] is not None)
-    problems = [f"{row['key']}: {row['problem']}" for row in bad.take(SHOWN_PROBLEMS)]
-    good = scored.filter(lambda row: row["problem"] is None).drop_columns(["problem"]).materialize()
+    tally = _tally(scored)
     path, filesystem = _location(output)
-    good.write_parquet(path, filesystem=filesystem)
-    top1 = None
-    if "target" in good.columns():
-        top1 = good.map_batches(_hits, batch_format="pyarrow").sum("hit") / max(good.count(), 1)
-    return BatchResult(good.count(), bad.count(), problems, top1, time.perf_counter() - started)
+    scored.filter(lambda row: row["problem"] is None).drop_columns(["problem"]).write_parquet(
+        path, filesystem=filesystem)
+    return BatchResult(tally["scored"], tally["unscored"], tally["problems"],
+                       tally["hits"] / max(tally["scored"], 1) if "hits" in tally else None,
+                       time.perf_counter() - started)
+
+
+def _tally(scored: ray.data.Dataset) -> dict:
+    """Counted on the driver from the (small) prediction rows: scored and unscored images, the first
+    problems and, with labels, the top-1 hits."""
+    labelled = "target" in scored.columns()
+    tally = {"scored": 0, "unscored": 0, "problems": [], **({"hits": 0} if labelled else {})}
+    columns = ["key", "problem", "class_indices", *(["target"] if labelled else [])]
+    for batch in scored.select_columns(columns).iter_batches(batch_format="pyarrow"):
+        failed = batch.filter(pc.is_valid(batch["problem"]))
+        tally["unscored"] += failed.num_rows
+        tally["problems"] += [f"{key}: {problem}" for key, problem in
+                              zip(failed["key"].to_pylist(), failed["problem"].to_pylist())]
+        good = batch.filter(pc.is_null(batch["problem"]))
+        tally["scored"] += good.num_rows
+        if labelled:
+            first = pc.list_element(good["class_indices"], 0)
+            tally["hits"] += pc.sum(pc.cast(pc.equal(first, good["target"]), pa.int64())).as_py() or 0
+    tally["problems"] = tally["problems"][:SHOWN_PROBLEMS]
+    return tally
 
 
 def _location(url: str) -> tuple[str, object]:
@@ -137,11 +155,6 @@ def _location(url: str) -> tuple[str, object]:
     if is_s3_url(url):
         return url.removeprefix("s3://"), s3_filesystem(S3Config.from_env())
     return str(Path(url).expanduser().absolute()), None
-
-
-def _hits(batch: pa.Table) -> pa.Table:
-    first = pc.list_element(batch["class_indices"], 0)
-    return pa.table({"hit": pc.cast(pc.equal(first, batch["target"]), pa.int64())})
 
 
 def predict_dataset_command(args: argparse.Namespace) -> int:
