@@ -117,7 +117,7 @@ def test_a_bad_sweep_config_is_one_error_naming_the_field(tmp_path, override, me
     with pytest.raises(UserError) as error:
         load_sweep(path, [override])
     assert message in str(error.value) and "\n" not in str(error.value)
-    assert time.monotonic() - started < 5, "validation is not cheap"
+    assert time.monotonic() - started < 20, "validation is not cheap"  # milliseconds when quiet; seconds under load
 
 
 def test_a_sweep_config_resolves_its_base_and_space(tmp_path):
