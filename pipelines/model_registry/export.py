@@ -29,14 +29,23 @@ def reference_checkpoint_bytes(model_uri: str, server: TrackingServer | None = N
     return buffer.getvalue()
 
 
-def write_file(data: bytes, out: str) -> None:
-    """`data` to the file or `s3://` object `out`, whole or not at all."""
+def check_destination(out: str) -> None:
+    """`UserError` unless `out` names a file in an existing directory or bucket (checked before the
+    model is downloaded)."""
     if is_s3_url(out):
         location = parse_s3_url(out)
         if not location.key or location.key.endswith("/"):
             raise UserError(f"--out {out}: expected s3://BUCKET/KEY, a file name")
+        shared_store(location.bucket).check_bucket()
+    elif not Path(out).expanduser().parent.is_dir():
+        raise UserError(f"--out {out}: no directory {Path(out).expanduser().parent}")
+
+
+def write_file(data: bytes, out: str) -> None:
+    """`data` to the file or `s3://` object `out` (see `check_destination`), whole or not at all."""
+    if is_s3_url(out):
+        location = parse_s3_url(out)
         store = shared_store(location.bucket)
-        store.check_bucket()
         with tempfile.NamedTemporaryFile(prefix="vitae-export-") as staged:
             staged.write(data)
             staged.flush()
@@ -55,6 +64,7 @@ def write_file(data: bytes, out: str) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    check_destination(args.out)
     with answering(f"exporting {args.model}"):
         data = reference_checkpoint_bytes(args.model)
     write_file(data, args.out)

@@ -99,7 +99,7 @@ class ModelSettings(_Section):
     compile: bool = False  # torch.compile the model on each worker
     channels_last: bool = False
     bf16: bool = True  # bfloat16 autocast on GPU workers (CPU workers compute in float32)
-    grad_checkpointing: bool = False  # recompute normal cells in the backward pass (less memory, ~30% more compute)
+    grad_checkpointing: bool = False  # recompute normal cells in the backward pass: less memory, more compute
     # The initial weights (docs/fine-tuning.md): a checkpoint file (path or s3://), an MLflow model
     # (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model), or a training run's latest
     # checkpoint (run:NAME in this checkpoint.storage_path, run:STORAGE_PATH/NAME). None: random.

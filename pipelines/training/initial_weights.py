@@ -94,6 +94,7 @@ def fetch(source: str, config: TrainConfig) -> bytes:
     if is_s3_url(source):
         location = parse_s3_url(source)
         store = shared_store(location.bucket)
+        store.check_bucket()
         if not location.key or store.head(location.key) is None:
             raise UserError("no such object")
         return store.get_bytes(location.key)
@@ -125,8 +126,16 @@ def parse(data: bytes) -> dict:
     try:
         checkpoint = read_checkpoint(io.BytesIO(data))
     except Exception as error:  # torch raises many types for foreign bytes (zip, pickle, unpickler errors)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise UserError(f"not a PyTorch checkpoint of tensors ({type(error).__name__}: {first_line[:200]})") from None
+        raise UserError(f"not a PyTorch checkpoint of tensors (torch.load: {load_failure(error)})") from None
     if not isinstance(checkpoint, dict) or not unwrap_state_dict(checkpoint):
         raise UserError("the checkpoint holds no tensors")
     return checkpoint
+
+
+def load_failure(error: Exception) -> str:
+    """The cause in torch.load's message: for the weights-only unpickler, its reason (e.g. "Unsupported
+    global: GLOBAL builtins.print ..."), not the advice around it."""
+    message = str(error)
+    reason = message.partition("WeightsUnpickler error:")[2] or message
+    first = next((line.strip() for line in reason.splitlines() if line.strip()), type(error).__name__)
+    return first if len(first) <= 160 else first[:157] + "..."
