@@ -23,8 +23,14 @@ from pipelines.tracking.client import TrackingServer
 from pipelines.training.config import TrainConfig
 from pipelines.training.run_storage import RunStorage
 from pipelines.training.train_state import STATE_NAME
-from vitae.pretrained import IncompatibleCheckpoint, LoadReport, fit_state_dict, load_pretrained, read_checkpoint, \
-    unwrap_state_dict
+from vitae.pretrained import (
+    IncompatibleCheckpoint,
+    LoadReport,
+    fit_state_dict,
+    load_pretrained,
+    read_checkpoint,
+    unwrap_state_dict,
+)
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 RUN_SCHEME = "run:"  # run:NAME (in the config's checkpoint.storage_path) or run:STORAGE_PATH/NAME
