@@ -1,16 +1,22 @@
 """`vitae prep --ray` against the session's Ray cluster, in this process and as a Ray job: the same
 bytes as the single-process path (shards, manifest, rejects, dataset.json), bad images reported as
-rejects; and a Parquet source converted in bounded memory (peak RSS of the `vitae prep` process)."""
+rejects, a task whose worker is killed run again; and a Parquet source converted in bounded memory
+(peak RSS of the `vitae prep` process)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -65,9 +71,68 @@ def test_ray_prep_runs_as_a_ray_job(ray_cluster, tmp_path):
     assert dataset_files(dest) == dataset_files(tmp_path / "single")
 
 
-def test_ray_tasks_are_retried():
-    for task in (ray_conversion.encode_chunk, ray_conversion.write_shard_task):
-        assert task._default_options["max_retries"] >= 1 and task._default_options["retry_exceptions"] is True
+def readers_of(path: Path) -> set[int]:
+    """The processes other than this one that have `path` open."""
+    found = set()
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{process.pid}/fd")
+            if any(os.readlink(f"/proc/{process.pid}/fd/{fd}") == str(path) for fd in fds):
+                found.add(process.pid)
+        except OSError:
+            continue
+    return found
+
+
+def open_for_writing(fifo: Path) -> int | None:
+    """A write end of `fifo` once a reader waits on it (which lets the reader's open return), else None."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno == errno.ENXIO:  # no reader yet
+            return None
+        raise
+
+
+def test_a_task_whose_worker_dies_is_retried(ray_cluster, tmp_path, capsys):
+    """An image that is a FIFO holds its encode task until the test writes it: the test kills that
+    task's worker, Ray runs the task again, the test feeds the image to the new attempt, and prep
+    completes with the single-process bytes."""
+    source = varied_folder(tmp_path / "images")
+    fifo = source / "c1" / "waiting.png"
+    os.mkfifo(fifo)
+    done: list[int] = []
+    worker = threading.Thread(target=lambda: done.append(main(["prep", str(source), "--out", str(tmp_path / "ray"),
+                                                                 "--ray", "--ray-tasks", "2"])))
+    worker.start()
+    first = wait_for(lambda: open_for_writing(fifo), 120, "encode task reading the FIFO")
+    killed = [psutil.Process(pid) for pid in wait_for(lambda: readers_of(fifo), 30, "process holding the FIFO")]
+    for process in killed:
+        process.send_signal(signal.SIGKILL)
+    assert not psutil.wait_procs(killed, timeout=30)[1], "the killed worker is still alive"
+    os.close(first)
+    retried = wait_for(lambda: open_for_writing(fifo), 120, "second attempt of the task after its worker died")
+    data = image_bytes(99, "png")
+    os.write(retried, data)  # smaller than a pipe's buffer: written at once
+    os.close(retried)
+    worker.join(timeout=120)
+    assert done == [0], capsys.readouterr().err[-2000:]
+    fifo.unlink()
+    fifo.write_bytes(data)
+    assert main(["prep", str(source), "--out", str(tmp_path / "single")]) == 0
+    assert dataset_files(tmp_path / "ray") == dataset_files(tmp_path / "single")
+
+
+def wait_for(probe, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = probe()
+        if found is not None and found != set():
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} within {timeout_s:.0f} s")
 
 
 def peak_rss_mib(*argv: str) -> float:
