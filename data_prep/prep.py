@@ -19,7 +19,7 @@ from tqdm import tqdm
 from infra.errors import UserError
 from data_prep.conversion import Converted, convert_in_process
 from data_prep.manifest import (
-    DATASET_NAME, MANIFEST_NAME, REJECTS_NAME, SPLITS, DatasetInfo, ShardRecord, manifest_to_parquet,
+    DATASET_NAME, MANIFEST_NAME, REJECTS_NAME, SPLITS, DatasetInfo, manifest_to_parquet,
 )
 from infra.object_store import is_s3_url
 from data_prep.sources import MAX_DIGITS_SIZE, Source, SourceImage, SourceOptions, open_source
