@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check (at most ~8 minutes on one H100): CUDA bf16 training steps of vitae_s and vitaev2_s with
-# and without torch.compile (benchmarks.gpu_readiness), one short Ray Train run of the digits config
-# with use_gpu: true on the embedded stack, and a GPU batch prediction (vitae predict --data) of its
-# model. Every result goes to ONE file: $OUT/gpu_check.txt when OUT is set, else ./gpu_check.txt.
-# Without a CUDA GPU it says so in one line and exits 0. Run from anywhere: bash scripts/gpu_check.sh
+# The GPU check, at most 8 minutes on one H100 (the steps' time limits add up to 7 min 45 s): CUDA
+# bf16 training steps of vitae_s and vitaev2_s with and without torch.compile (benchmarks.gpu_readiness),
+# one short Ray Train run of the digits config with use_gpu: true on the embedded stack, and a GPU batch
+# prediction (vitae predict --data) of its model. Every result goes to ONE file: $OUT/gpu_check.txt when
+# OUT is set, else gpu_check.txt in the repository root. Without a GPU: one line saying so, exit 0.
+# Run from anywhere: bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] && source .venv/bin/activate
@@ -45,16 +46,16 @@ trap finish EXIT
   python -c 'import torch, ray; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), ray {ray.__version__}")'
 } > "$REPORT" 2>&1
 
-step "bf16 training steps, eager and torch.compile" 240 \
+step "bf16 training steps, eager and torch.compile" 180 \
     python -m benchmarks.gpu_readiness --batch-size 128 --steps 10 --warmup 3
-step "stack up" 90 vitae stack up --dir "$STACK" || exit
+step "stack up" 45 vitae stack up --dir "$STACK" || exit
 # shellcheck disable=SC1091
 source "$STACK/stack.env"
-step "prep digits" 60 vitae prep digits --out s3://vitae-data/digits --digits-size 32 --shard-max-samples 300
-step "Ray Train, digits, use_gpu: true" 150 vitae train --config configs/digits_vitae_t.yaml \
+step "prep digits" 30 vitae prep digits --out s3://vitae-data/digits --digits-size 32 --shard-max-samples 300
+step "Ray Train, digits, use_gpu: true" 120 vitae train --config configs/digits_vitae_t.yaml \
     --set name=digits-gpu-check --set schedule.epochs=2 --set scaling.num_workers=1 --set scaling.use_gpu=true \
     --set 'scaling.resources_per_worker={CPU: 2, GPU: 1}' || exit
-step "register the trained model" 60 vitae register --run digits-gpu-check --name digits-gpu-check
-step "batch prediction on the GPU (Ray Data)" 120 vitae predict --model models:/digits-gpu-check@challenger \
+step "register the trained model" 30 vitae register --run digits-gpu-check --name digits-gpu-check
+step "batch prediction on the GPU (Ray Data)" 60 vitae predict --model models:/digits-gpu-check@challenger \
     --data s3://vitae-data/digits --split val --output s3://vitae-data/predictions/val
 exit "$status"
