@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 import ray.data
 import torch
@@ -111,6 +112,7 @@ def read_source(data: str, split: str | None, model_classes: list[str], model_ur
 def predict_dataset(model_uri: str, data: str, split: str | None, output: str, top_k: int = 5,
                     batch_size: int = DEFAULT_BATCH, actors: int | None = None) -> BatchResult:
     """Score `data` with `model_uri` on the Ray cluster; predictions as Parquet files under `output`."""
+    _check_unused(output)
     server = TrackingServer.at()
     with answering(f"loading model {model_uri}", server):
         _, info = load_model(model_uri, torch.device("cpu"), server)  # a bad URI fails here, in one line
@@ -148,6 +150,13 @@ def _tally(scored: ray.data.Dataset) -> dict:
             tally["hits"] += pc.sum(pc.cast(pc.equal(first, good["target"]), pa.int64())).as_py() or 0
     tally["problems"] = tally["problems"][:SHOWN_PROBLEMS]
     return tally
+
+
+def _check_unused(output: str) -> None:
+    """Refuse an `output` that already holds something: predictions of two runs are never mixed."""
+    path, filesystem = _location(output)
+    if (filesystem or pafs.LocalFileSystem()).get_file_info(path).type != pafs.FileType.NotFound:
+        raise UserError(f"--output {output} already exists: give a new folder or prefix for the predictions")
 
 
 def _location(url: str) -> tuple[str, object]:

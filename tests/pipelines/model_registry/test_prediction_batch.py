@@ -4,7 +4,6 @@ images is scored too, its undecodable files named (exit 2) and the rest kept."""
 
 from __future__ import annotations
 
-import shutil
 import uuid
 
 import pyarrow.parquet as pq
@@ -68,7 +67,9 @@ def test_a_folder_of_raw_images_is_scored_and_bad_files_named(trained, ray_clust
     assert sorted(table["key"]) == sorted(["digit0.png", "nested/digit1.png", "digit2.png", "nested/digit3.png",
                                            "digit4.png"])
     assert all(len(names) == 5 for names in table["class_names"])
-    shutil.rmtree(folder)
+    code = main(["predict", "--model", trained.uri, "--data", str(folder), "--output", str(tmp_path / "out")])
+    assert code == 2 and "already exists" in capsys.readouterr().err  # earlier predictions are not mixed in
+    assert pq.read_table(tmp_path / "out").num_rows == 5
 
 
 def test_predict_needs_files_or_data(trained, capsys):
