@@ -116,8 +116,7 @@ def train_worker(loop_config: dict) -> dict[str, str | None]:
     dataset = PreparedDataset.open(config.data.url)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, len(dataset.class_names)).to(env.device)
-    restarting = ray.train.get_checkpoint() is not None  # its checkpoint holds the weights: no pretrained reload
-    initial = None if restarting or loop_config["initial_weights"] is None else ray.get(loop_config["initial_weights"])
+    initial = received_weights(loop_config["initial_weights"])
     if initial is not None:
         initial.load_into(model)
     data = build_data(config, env, dataset, model.pretrained_cfg)
@@ -131,6 +130,14 @@ def train_worker(loop_config: dict) -> dict[str, str | None]:
         if tracker:
             tracker.finish("FAILED")
         raise
+
+
+def received_weights(reference: ray.ObjectRef | None) -> InitialWeights | None:
+    """The initial weights the driver put in the object store, unless this worker group restarts from
+    the run's checkpoint, which holds its weights (then they are not even fetched)."""
+    if reference is None or ray.train.get_checkpoint() is not None:
+        return None
+    return ray.get(reference)
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
