@@ -1,6 +1,6 @@
 """`vitae predict --data` on the session's Ray cluster, S3 and MLflow servers: a dataset split scored by
-Ray Data's actor pool agrees with `vitae evaluate`, row by row in the Parquet it writes; a folder of raw
-images is scored too, its undecodable files named (exit 2) and the rest kept."""
+Ray Data's actor pool agrees with `vitae evaluate`, row by row in the Parquet it writes; raw images in a
+folder (its undecodable files named, exit 2, the rest kept) and under an `s3://` prefix are scored too."""
 
 from __future__ import annotations
 
@@ -77,3 +77,19 @@ def test_predict_needs_files_or_data(trained, capsys):
     assert "nothing to predict" in capsys.readouterr().err
     assert main(["predict", "--model", trained.uri, "--split", "val", "x.png"]) == 2
     assert "--split applies only with --data" in capsys.readouterr().err
+
+
+def test_raw_images_under_an_s3_prefix_are_scored(trained, ray_cluster, tmp_path, capsys):
+    bucket = f"raw-{uuid.uuid4().hex[:8]}"
+    client = make_client()
+    client.create_bucket(Bucket=bucket)
+    samples = list(wds.WebDataset(PreparedDataset.open(trained.data_url).shard_urls("test"), shardshuffle=False))[:3]
+    for index, sample in enumerate(samples):
+        client.put_object(Bucket=bucket, Key=f"incoming/day {index}/digit.png", Body=sample["png"])
+
+    code = main(["predict", "--model", trained.uri, "--data", f"s3://{bucket}/incoming", "--output",
+                 str(tmp_path / "out"), "--top-k", "1"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    table = pq.read_table(tmp_path / "out").to_pandas()
+    assert sorted(table["key"]) == [f"day {index}/digit.png" for index in range(3)]
+    assert all(len(indices) == 1 for indices in table["class_indices"])
