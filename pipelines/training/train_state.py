@@ -75,21 +75,32 @@ class RngState:
 
 
 class CheckpointCadence:
-    """When a checkpoint is due within an epoch: every `every_steps` optimizer steps and/or every
-    `every_minutes`. Every rank gets the same answer (the time is rank 0's)."""
+    """When a checkpoint is due within an epoch: every `every_steps` optimizer steps, every
+    `every_minutes` (rank 0's clock), and once when Ray Train reports that a node of the run is being
+    preempted (asked every `preemption_check_steps` steps; 0: never). Every rank gets the same answer."""
 
-    def __init__(self, every_steps: int | None, every_minutes: float | None):
+    def __init__(self, every_steps: int | None, every_minutes: float | None, preemption_check_steps: int = 0):
         self.every_steps, self.every_minutes = every_steps, every_minutes
+        self.preemption_check_steps = preemption_check_steps
         self.last = time.monotonic()
+        self.preemption = None  # the notice a checkpoint was taken for
 
-    def due(self, step: int, device: torch.device) -> bool:
-        due = bool(self.every_steps) and step % self.every_steps == 0
-        if self.every_minutes is not None and not due:
+    def due(self, step: int, device: torch.device) -> str | None:
+        """Why a checkpoint is due after optimizer step `step`, or None."""
+        if self.every_steps and step % self.every_steps == 0:
+            return f"every {self.every_steps} steps"
+        if self.every_minutes is not None:
             late = torch.tensor([time.monotonic() - self.last >= 60 * self.every_minutes], device=device)
             if dist.is_initialized():
                 dist.broadcast(late, src=0)
-            due = bool(late.item())
-        return due
+            if late.item():
+                return f"every {self.every_minutes:g} minutes"
+        if self.preemption_check_steps and step % self.preemption_check_steps == 0:
+            notice = ray.train.get_preemption_info()  # the same on every rank (it is a collective)
+            if notice is not None and self.preemption is None:
+                self.preemption = notice
+                return f"preemption of node(s) {', '.join(node[:8] for node in notice.preempted_node_ids)}"
+        return None
 
     def done(self) -> None:
         """A checkpoint was just taken (within or at the end of an epoch)."""
@@ -134,11 +145,11 @@ class Checkpointer:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
-    def report_within_epoch(self, progress: TrainProgress) -> None:
+    def report_within_epoch(self, progress: TrainProgress, reason: str) -> None:
         """A mid-epoch checkpoint: no validation score (NaN, which ranks below every epoch's in
         `num_to_keep`), and no `epoch` key (no epoch result to ASHA)."""
         self.report({"val_top1": math.nan, "step": progress.step, "epoch_batches": progress.epoch_batches,
-                     "within_epoch": progress.epoch + 1})
+                     "within_epoch": progress.epoch + 1, "reason": reason})
 
     def restore_latest(self) -> bool:
         """Load the run's latest checkpoint if Ray Train has one (a resumed or restarted run)."""

@@ -196,6 +196,7 @@ def build_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
             within = f", batch {progress.epoch_batches} of epoch {progress.epoch + 1}" if progress.epoch_batches else ""
             logger.info(f"restored the checkpoint after epoch {progress.epoch} of {config.schedule.epochs}"
                         f"{within} (step {progress.step})")
+    training.cadence.preemption_check_steps = config.checkpoint.preemption_check_steps  # Ray Train's notices
     if config.model.compile:
         model.compile()
     training.wrapped = ray.train.torch.prepare_model(model)
@@ -319,11 +320,15 @@ def train_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: 
         stats.samples += len(labels)
         stats.steps += 1
         progress.epoch_batches = index + 1
-        if ends_group and index + 1 < steps and training.cadence.due(progress.step, env.device):
+        reason = training.cadence.due(progress.step, env.device) if ends_group and index + 1 < steps else None
+        if reason:
+            if env.rank == 0 and reason.startswith("preemption"):
+                logger.warning(f"{reason}: checkpoint at step {progress.step} (batch {index + 1} of epoch "
+                               f"{progress.epoch + 1}); training goes on until the node goes")
             clock.record()
             stats.checkpoints += 1
             started = time.perf_counter()
-            training.checkpointer.report_within_epoch(progress)
+            training.checkpointer.report_within_epoch(progress, reason)
             training.cadence.done()
             stats.checkpoint_s += time.perf_counter() - started
     clock.record()
