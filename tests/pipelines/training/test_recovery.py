@@ -29,7 +29,7 @@ from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
-EVERY_STEPS = 3
+EVERY_STEPS = 10
 EPOCHS = 2
 
 
