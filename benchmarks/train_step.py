@@ -1,6 +1,7 @@
 """Training-step benchmark: images/s and where a step's time goes (data wait, forward, backward,
 optimiser) in the Ray Train job with one worker against a plain PyTorch loop over the same model,
-data loader, batch and step code, in the same run; and the fixed cost of starting a Ray Train run.
+data loader, batch and step code, in the same run; the fixed cost of starting a Ray Train run; and
+what checkpoints within epochs cost a step, their upload synchronous or in the background.
 
     python -m benchmarks.train_step --epochs 3
 
@@ -49,6 +50,9 @@ def plain_loop(config: TrainConfig) -> list[dict[str, float]]:
     return history
 
 
+CHECKPOINT_METRICS = ("train_steps", "checkpoints_within", "checkpoint_ms")
+
+
 def ray_job(config: TrainConfig) -> tuple[list[dict[str, float]], float, float]:
     """(per-epoch metrics as logged to MLflow, fit() seconds, seconds from fit() to the MLflow run)."""
     from pipelines.training.driver import fit  # imports ray: only inside `embedded_stack`
@@ -60,7 +64,7 @@ def ray_job(config: TrainConfig) -> tuple[list[dict[str, float]], float, float]:
     client = TrackingServer.at().client()
     run = client.get_run(result.return_value["mlflow_run_id"])
     histories = {key: client.get_metric_history(run.info.run_id, key)
-                 for key in ("epoch", "images_per_s", "epoch_time_s", *PHASES)}
+                 for key in ("epoch", "images_per_s", "epoch_time_s", *PHASES, *CHECKPOINT_METRICS)}
     history = [{key: next(m.value for m in metrics if m.step == epoch) for key, metrics in histories.items()}
                for epoch in range(1, config.schedule.epochs + 1)]
     return history, fit_s, run.info.start_time / 1000 - called_at
@@ -71,6 +75,15 @@ def fastest_epoch(history: list[dict[str, float]]) -> dict[str, float]:
     return max(history[1:], key=lambda epoch: epoch["images_per_s"])
 
 
+def checkpoint_cost(history: list[dict[str, float]], batch_size: int) -> tuple[float, float]:
+    """(ms of a step that takes no checkpoint, ms of one that does) in the fastest epoch after the first."""
+    epoch = fastest_epoch(history)
+    steps, checkpoints = epoch["train_steps"], epoch["checkpoints_within"]
+    total_ms = 1000 * batch_size / epoch["images_per_s"] * steps
+    plain_ms = (total_ms - checkpoints * epoch["checkpoint_ms"]) / steps
+    return plain_ms, plain_ms + epoch["checkpoint_ms"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="per run; at least 2 (the first is warm-up)")
@@ -79,6 +92,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--digits-size", type=int, default=32, help="image side of the digits dataset")
     parser.add_argument("--depth", type=int, help="normal cells of the model (default: the config's model's)")
+    parser.add_argument("--checkpoint-every", type=int, default=10, metavar="STEPS",
+                        help="checkpoint.every_steps of the two runs that checkpoint within epochs")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first epoch is warm-up")
@@ -100,6 +115,13 @@ def main() -> None:
         before = plain_loop(config)
         print(f"\n== Ray Train job, {args.epochs} epochs", flush=True)
         job, fit_s, to_first_epoch_s = ray_job(config)
+        uploads = {}
+        for upload in ("sync", "async"):
+            print(f"\n== Ray Train job, a checkpoint every {args.checkpoint_every} steps, {upload} upload", flush=True)
+            uploads[upload], _, _ = ray_job(config.model_copy(update={
+                "name": f"train-step-benchmark-{upload}",
+                "checkpoint": config.checkpoint.model_copy(update={"every_steps": args.checkpoint_every,
+                                                                   "upload": upload})}))
         print(f"\n== plain PyTorch loop again, {args.epochs} epochs", flush=True)
         after = plain_loop(config)
         train_samples = PreparedDataset.open(data_url).num_samples("train")
@@ -123,6 +145,16 @@ def main() -> None:
         [f"Ray Train run: fit() {fit_s:.1f} s = {args.epochs} epochs {fit_s - outside_epochs_s:.1f} s (train + "
          f"validation) + {outside_epochs_s:.1f} s outside them (start-up, checkpoints, shutdown); its MLflow run "
          f"began {to_first_epoch_s:.1f} s after fit() was called"])
+    rows = [("checkpoints within epochs", "checkpoints/epoch", "step ms without", "step ms with one", "ratio")]
+    for upload, history in uploads.items():
+        plain_ms, checkpoint_ms = checkpoint_cost(history, args.batch_size)
+        rows.append((f"every {args.checkpoint_every} steps, {upload} upload",
+                     f"{fastest_epoch(history)['checkpoints_within']:.0f}", f"{plain_ms:.0f}", f"{checkpoint_ms:.0f}",
+                     f"{checkpoint_ms / plain_ms:.2f}x"))
+    sync_ms, async_ms = (checkpoint_cost(uploads[upload], args.batch_size)[1] for upload in ("sync", "async"))
+    print_table("steps that checkpoint vs those that do not, per upload mode (fastest epoch after the first)", rows,
+                f"a step that checkpoints takes {async_ms:.0f} ms with the upload in the background vs {sync_ms:.0f} ms "
+                f"with it synchronous ({sync_ms / async_ms:.2f}x)", [])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 
 from infra.errors import INTERRUPTED_EXIT, USER_ERROR_EXIT, UserError
 from pipelines.cli import data, jobs, stack
+from pipelines.training.ray_logging import quiet_driver
 
 PARSERS = (jobs.add_models_parser, jobs.add_train_parser, jobs.add_tune_parser, jobs.add_evaluate_parser,
            jobs.add_predict_parser, jobs.add_promote_parser, jobs.add_register_parser, jobs.add_export_parser,
@@ -35,6 +36,7 @@ def run_handler(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_driver()  # before a handler imports Ray
     try:
         return run_handler(args)
     except UserError as error:

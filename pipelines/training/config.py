@@ -26,7 +26,8 @@ LR_REFERENCE_BATCH = 512
 RESUMABLE_CHANGES = frozenset({
     "data.loader_workers", "scaling.use_gpu", "scaling.resources_per_worker", "scaling.placement_strategy",
     "checkpoint.num_to_keep", "checkpoint.max_failures", "mlflow.log_model", "mlflow.tracking_uri",
-    "mlflow.parent_run_id", "data.on_bad_sample",
+    "mlflow.parent_run_id", "data.on_bad_sample", "checkpoint.every_steps", "checkpoint.every_minutes",
+    "checkpoint.upload", "checkpoint.preemption_check_steps",
 })
 
 # Upper bounds of sizes, far above any published recipe but below what would exhaust a machine.
@@ -40,6 +41,8 @@ MAX_ACCUMULATION_STEPS = 1024
 MAX_EPOCHS = 10_000
 MAX_NUM_WORKERS = 4096  # Ray Train workers: beyond any cluster Ray supports
 MAX_SEED = 2**32 - 1  # what NumPy's and Python's seeded generators take everywhere
+MAX_CHECKPOINT_MINUTES = 24 * 60.0  # a checkpoint at least once a day
+MAX_PREEMPTION_CHECK_STEPS = 10_000  # optimizer steps between two looks for a preemption notice
 
 HEAD_PREFIX = "head."  # the classifier's parameters: trained by every run, replaced for another class count
 
@@ -150,8 +153,12 @@ class ScheduleSettings(_Section):
 
 class CheckpointSettings(_Section):
     storage_path: str = Field(min_length=1)  # s3://bucket/prefix, or a directory every node shares
-    num_to_keep: PositiveInt | None = 2  # the best by validation top-1; the latest is always kept
+    num_to_keep: PositiveInt | None = 2  # the best epochs by validation top-1; the latest is always kept
     max_failures: int = Field(2, ge=-1)  # worker failures to recover from (-1: no limit)
+    every_steps: PositiveInt | None = None  # also checkpoint within epochs, every this many optimizer steps
+    every_minutes: float | None = Field(None, gt=0, le=MAX_CHECKPOINT_MINUTES)  # ... and/or this often
+    upload: Literal["async", "sync"] = "async"  # async: the upload overlaps the next steps
+    preemption_check_steps: int = Field(20, ge=0, le=MAX_PREEMPTION_CHECK_STEPS)  # 0: no checkpoint on notice
 
 
 class MlflowSettings(_Section):

@@ -19,7 +19,6 @@ from pipelines.training.config import TrainConfig, config_changes, load_config
 from pipelines.training.failures import UserErrorsEndTheRun, user_error
 from pipelines.training.initial_weights import InitialWeights, initial_weights_for
 from pipelines.training.ray_cluster import cluster_capacity, connect_to_ray, require_resources
-from pipelines.training.ray_logging import quiet_driver
 from pipelines.training.run_storage import RunStorage
 from pipelines.training.sharding import steps_per_epoch
 from pipelines.training.train_state import read_checkpoint_config
@@ -88,7 +87,6 @@ def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = (),
     trial passes Tune's `TuneReportCallback`). `initial_weights` default: read here if the run starts
     from `model.pretrained`; they go to the workers through Ray's object store. A failure the user can
     fix (see `failures.user_error`) ends the run without restarts and is raised as one `UserError` line."""
-    quiet_driver()
     initial_weights = initial_weights or initial_weights_for(config, storage)
     trainer = TorchTrainer(
         train_worker,

@@ -1,7 +1,8 @@
 """The input pipeline of one training worker: a prepared dataset's shards streamed with webdataset,
 read as the `sharding` plan assigns them to this rank and its DataLoader workers, decoded and
 transformed with PIL, shuffled and batched as uint8 tensors; bad samples skipped (and counted) or
-fatal, as configured (docs/design/training.md).
+fatal, as configured; an epoch resumed at any batch exactly as it would have gone on
+(docs/design/training.md).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import webdataset as wds
@@ -65,13 +66,18 @@ class PlannedStream(IterableDataset):
 
     def __init__(self, urls: list[str], slots: list[list[ShardRange]], transform: Transform, batch_size: int,
                  shuffle_buffer: int, seed: str, partial_batches: bool, *, num_classes: int,
-                 on_bad_sample: OnBadSample):
+                 on_bad_sample: OnBadSample, start_batch: int = 0):
         super().__init__()
         self.urls, self.slots, self.transform = urls, slots, transform
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.partial_batches = partial_batches
         self.num_classes, self.on_bad_sample = num_classes, on_bad_sample
         self.skipped = torch.zeros(len(slots), dtype=torch.int64).share_memory_()
+        self.start_batch = start_batch  # batches of the epoch already trained on (a resumed epoch)
+
+    def slot_batches(self) -> list[int]:
+        """The full batches each slot yields (training plans hold whole batches only)."""
+        return [sum(piece.samples for piece in slot) // self.batch_size for slot in self.slots]
 
     def describe_ranges(self) -> str:
         """What this rank reads, e.g. `704 samples from 5 shards: train-000003.tar[96:170] ...`."""
@@ -86,13 +92,14 @@ class PlannedStream(IterableDataset):
         worker = get_worker_info().id if get_worker_info() else 0
         rng = random.Random(f"{self.seed}:{worker}")
         planned = sum(piece.samples for piece in self.slots[worker])
+        done = batch_order(self.slot_batches())[:self.start_batch].count(worker) if self.start_batch else 0
         stages = [
             partial(read_ranges, self.urls, self.slots[worker], self.on_bad_sample),
             wds.shuffle(self.shuffle_buffer, initial=min(SHUFFLE_INITIAL, self.shuffle_buffer), rng=rng)
             if self.shuffle_buffer > 1 else None,
             partial(decode_counted, self.num_classes, self.on_bad_sample, planned, self.skipped[worker:worker + 1]),
             None if self.partial_batches else partial(refill, planned, self.batch_size, rng),
-            wds.map(lambda sample: (self.transform(sample[0], rng), sample[1])),
+            partial(augment, self.transform, rng, done * self.batch_size),
             wds.batched(self.batch_size, collation_fn=collate, partial=self.partial_batches),
         ]
         return iter(wds.DataPipeline(*stages))
@@ -160,6 +167,48 @@ def refill(planned: int, batch_size: int, rng: random.Random,
         yield rng.choice(recent)
 
 
+def augment(transform: Transform, rng: random.Random, skip: int,
+            samples: Iterator[tuple[Image.Image, int]]) -> Iterator[tuple[torch.Tensor, int]]:
+    """Each sample transformed with a generator of its own (one draw of `rng`); the first `skip` are
+    left out untransformed, their draws made, so that the rest come out as in an uninterrupted epoch."""
+    for index, (image, label) in enumerate(samples):
+        sample_rng = random.Random(rng.getrandbits(64))
+        if index >= skip:
+            yield transform(image, sample_rng), label
+
+
+def batch_order(slot_batches: Sequence[int]) -> list[int]:
+    """The slot (DataLoader worker) of each batch of an epoch, in the order a DataLoader delivers
+    them: round-robin from worker 0, workers that have finished left out."""
+    order, left = [], list(slot_batches)
+    while any(left):
+        for slot, count in enumerate(left):
+            if count:
+                order.append(slot)
+                left[slot] -= 1
+    return order
+
+
+def epoch_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`loader`'s batches in the epoch's order. After a resume (`start_batch`), each DataLoader worker
+    has left out its share of the batches already trained on, and the DataLoader, which starts its
+    round-robin at worker 0 again, hands the rest over in another order: they are put back in order
+    here (holding at most one batch per worker)."""
+    stream = loader.dataset
+    if not stream.start_batch or loader.num_workers <= 1:
+        yield from loader
+        return
+    order = batch_order(stream.slot_batches())
+    done = [order[:stream.start_batch].count(slot) for slot in range(len(stream.slots))]
+    arriving = iter(batch_order([count - skip for count, skip in zip(stream.slot_batches(), done)]))
+    waiting: dict[int, deque] = {slot: deque() for slot in range(len(stream.slots))}
+    batches = iter(loader)
+    for slot in order[stream.start_batch:]:
+        while not waiting[slot]:
+            waiting[next(arriving)].append(next(batches))
+        yield waiting[slot].popleft()
+
+
 def skipped_samples(loader: DataLoader) -> int:
     """Samples of `loader`'s plan that were skipped as bad (complete once the loader is exhausted)."""
     return int(loader.dataset.skipped.sum())
@@ -171,12 +220,14 @@ def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torc
 
 
 def train_loader(shards: SplitShards, layout: ReaderLayout, transform: Transform, batch_size: int,
-                 shuffle_buffer: int, seed: int, epoch: int, on_bad_sample: OnBadSample = "skip") -> DataLoader:
-    """This rank's training batches for `epoch`: exactly as many full batches on every rank."""
+                 shuffle_buffer: int, seed: int, epoch: int, on_bad_sample: OnBadSample = "skip",
+                 start_batch: int = 0) -> DataLoader:
+    """This rank's training batches for `epoch`: exactly as many full batches on every rank; from
+    batch `start_batch` on when the epoch resumes (read them with `epoch_batches`)."""
     plan = train_plan(shards.samples, layout.world_size, layout.loader_workers, batch_size, seed, epoch)
     stream = PlannedStream(shards.urls, plan[layout.rank], transform, batch_size, shuffle_buffer,
                            f"train:{seed}:{epoch}:{layout.rank}", partial_batches=False,
-                           num_classes=shards.num_classes, on_bad_sample=on_bad_sample)
+                           num_classes=shards.num_classes, on_bad_sample=on_bad_sample, start_batch=start_batch)
     return _loader(stream, layout)
 
 
@@ -191,4 +242,6 @@ def eval_loader(shards: SplitShards, layout: ReaderLayout, transform: Transform,
 
 
 def _loader(stream: PlannedStream, layout: ReaderLayout) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=layout.loader_workers, pin_memory=layout.pin_memory)
+    # its own generator: starting the workers takes no number from torch's, which drop-path draws from
+    return DataLoader(stream, batch_size=None, num_workers=layout.loader_workers, pin_memory=layout.pin_memory,
+                      generator=torch.Generator())

@@ -1,7 +1,8 @@
 """The function Ray Train runs on every worker (`train_worker`), assembled in reading order from this
 package's pieces: rank and device -> model (with its initial weights) -> data -> optimisation and
-progress, restored from the latest checkpoint -> DDP -> MLflow (rank 0) -> per epoch: train,
-validate, log, checkpoint -> the final model. One training step per batch, with gradient accumulation (docs/design/training.md).
+progress, restored from the latest checkpoint (at an epoch's end or within one) -> DDP -> MLflow
+(rank 0) -> per epoch: train (checkpointing within the epoch when due), validate, log, checkpoint ->
+the final model. One training step per batch, with gradient accumulation (docs/design/training.md).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterable, Iterator
 
 import ray
 import ray.train
@@ -21,12 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from data_prep.dataset import PreparedDataset
 from pipelines.training.augment import EvalTransform, TrainTransform, normalize
-from pipelines.training.train_state import Checkpointer, RngState, TrainProgress
+from pipelines.training.train_state import CheckpointCadence, Checkpointer, RngState, TrainProgress
 from pipelines.training.validation import EvalTotals, broadcast_buffers, evaluate
-from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader, skipped_samples, train_loader
+from pipelines.training.input_pipeline import (ReaderLayout, SplitShards, epoch_batches, eval_loader, skipped_samples,
+                                               train_loader)
 from pipelines.training.mixing import Mixing
 from pipelines.model_packaging import ClassifierInfo
 from pipelines.training.initial_weights import InitialWeights
@@ -76,6 +79,8 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     progress: TrainProgress
     checkpointer: Checkpointer
+    cadence: CheckpointCadence  # checkpoints within epochs
+    epoch_stats: EpochStats  # this rank's statistics of the epoch under way (checkpointed within it)
     mixing: Mixing
     mixing_rng: random.Random
     criterion: nn.Module
@@ -92,19 +97,31 @@ class EpochStats:
     forward_s: float = 0.0  # host-to-device copy, normalisation, mixing, forward pass and loss
     backward_s: float = 0.0
     optimizer_s: float = 0.0  # clipping, optimizer and scheduler steps, EMA update
+    checkpoint_s: float = 0.0  # saving and reporting checkpoints within the epoch (their upload, if sync)
+    checkpoints: int = 0  # checkpoints taken within the epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def reset(self) -> None:
+        self.load_state_dict(asdict(EpochStats()))
 
     def all_reduced(self, device: torch.device) -> EpochStats:
         """Sums over ranks (steps: the most any rank ran)."""
         if not dist.is_initialized():
             return self
         sums = torch.tensor([self.loss_sum, self.samples, self.data_wait_s, self.elapsed_s, self.forward_s,
-                             self.backward_s, self.optimizer_s], dtype=torch.float64, device=device)
+                             self.backward_s, self.optimizer_s, self.checkpoint_s], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
         steps = torch.tensor([self.steps], device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-        loss_sum, samples, data_wait_s, elapsed_s, forward_s, backward_s, optimizer_s = sums.tolist()
+        loss_sum, samples, data_wait_s, elapsed_s, forward_s, backward_s, optimizer_s, checkpoint_s = sums.tolist()
         return EpochStats(loss_sum, int(samples), int(steps.item()), data_wait_s, elapsed_s, forward_s, backward_s,
-                          optimizer_s)
+                          optimizer_s, checkpoint_s, self.checkpoints)
 
 
 def train_worker(loop_config: dict) -> dict[str, str | None]:
@@ -180,9 +197,13 @@ def build_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
     """Optimisation state, restored from the latest checkpoint if any, then the DDP wrapper."""
     training = fresh_training(config, env, model, micro_steps)
     progress = training.progress
-    if training.checkpointer.restore_latest() and env.rank == 0:
-        logger.info(f"restored the checkpoint after epoch {progress.epoch} of {config.schedule.epochs} "
-                    f"(step {progress.step})")
+    if training.checkpointer.restore_latest():
+        progress.resumed()
+        if env.rank == 0:
+            within = f", batch {progress.epoch_batches} of epoch {progress.epoch + 1}" if progress.epoch_batches else ""
+            logger.info(f"restored the checkpoint after epoch {progress.epoch} of {config.schedule.epochs}"
+                        f"{within} (step {progress.step})")
+    training.cadence.preemption_check_steps = config.checkpoint.preemption_check_steps  # Ray Train's notices
     if config.model.compile:
         model.compile()
     training.wrapped = ray.train.torch.prepare_model(model)
@@ -196,7 +217,7 @@ def fresh_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
     ema = build_ema(model, config.optim.ema_decay)
     optimizer = build_optimizer(model, config.optim, config.peak_lr)
     scheduler = build_scheduler(optimizer, config.schedule, math.ceil(micro_steps / config.optim.accumulation_steps))
-    progress = TrainProgress()
+    progress, epoch_stats = TrainProgress(), EpochStats()
     mixing_rng = random.Random(f"mixing:{config.seed}:{env.rank}")
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
               **({"ema": ema} if ema else {})}
@@ -209,7 +230,10 @@ def fresh_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
         optimizer=optimizer,
         scheduler=scheduler,
         progress=progress,
-        checkpointer=Checkpointer(states, RngState(mixing_rng), env.rank, config.model_dump_json(indent=2)),
+        checkpointer=Checkpointer(states, {"rng": RngState(mixing_rng), "epoch_stats": epoch_stats}, env.rank,
+                                  config.model_dump_json(indent=2), config.checkpoint.upload),
+        cadence=CheckpointCadence(config.checkpoint.every_steps, config.checkpoint.every_minutes),
+        epoch_stats=epoch_stats,
         mixing=Mixing(model.num_classes, augment.mixup_alpha, augment.cutmix_alpha,
                       augment.mix_prob, augment.switch_prob),
         mixing_rng=mixing_rng,
@@ -234,8 +258,7 @@ def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress
 def run_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Training,
               tracker: TrainingRun | None, epoch: int) -> None:
     start = time.perf_counter()
-    loader = train_loader(data.train, data.layout, data.train_transform, config.data.batch_size,
-                          config.data.shuffle_buffer, config.seed, epoch, config.data.on_bad_sample)
+    loader = epoch_loader(config, data, training.progress, epoch)
     log_placement(config, env, epoch, loader.dataset.describe_ranges())
     stats = train_epoch(config, env, data, training, loader).all_reduced(env.device)
     skipped = summed_over_ranks(skipped_samples(loader), env.device)
@@ -249,6 +272,17 @@ def run_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Tr
         tracker.log_epoch(epoch + 1, metrics, training.progress.history, evaluations["val"].confusion,
                           data.class_names)
     training.checkpointer.report(metrics)
+    training.cadence.done()
+
+
+def epoch_loader(config: TrainConfig, data: DataSetup, progress: TrainProgress, epoch: int) -> DataLoader:
+    """This rank's batches of `epoch`; a resumed epoch goes on where its checkpoint was taken, with
+    the DataLoader workers it was planned for (`data.loader_workers` applies from the next epoch)."""
+    if not progress.epoch_batches:
+        progress.epoch_loader_workers = config.data.loader_workers
+    layout = replace(data.layout, loader_workers=progress.epoch_loader_workers)
+    return train_loader(data.train, layout, data.train_transform, config.data.batch_size, config.data.shuffle_buffer,
+                        config.seed, epoch, config.data.on_bad_sample, start_batch=progress.epoch_batches)
 
 
 def log_placement(config: TrainConfig, env: WorkerEnv, epoch: int, reading: str) -> None:
@@ -266,35 +300,63 @@ def log_placement(config: TrainConfig, env: WorkerEnv, epoch: int, reading: str)
 
 
 def train_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Training,
-                batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> EpochStats:
-    stats = EpochStats()
+                loader: DataLoader) -> EpochStats:
+    """The epoch's steps from `loader`'s first batch (where a resumed epoch goes on), checkpointing
+    within the epoch when due; returns this rank's statistics of the whole epoch."""
+    progress, stats, first = training.progress, training.epoch_stats, loader.dataset.start_batch
+    if not first:
+        stats.reset()
     steps, accumulation = data.steps_per_epoch, config.optim.accumulation_steps
     training.wrapped.train()
-    phases = PhaseTimer(env.device)
-    start = time.perf_counter()
-    for index, (images, labels) in enumerate(_timed(batches, stats)):
-        phases.start()
+    clock = EpochClock(stats, PhaseTimer(env.device))
+    for index, (images, labels) in enumerate(_timed(epoch_batches(loader), stats), start=first):
+        clock.phases.start()
         inputs, targets = training.mixing(data.to_model_input(images.to(env.device, non_blocking=True)),
                                           labels.to(env.device, non_blocking=True), training.mixing_rng)
         group_size, ends_group = accumulation_group(index, steps, accumulation)
         with _gradient_sync(training.wrapped, ends_group):
             with training.autocast():
                 loss = training.criterion(training.wrapped(inputs), targets)
-            phases.lap("forward")
+            clock.phases.lap("forward")
             (loss / group_size).backward()
-        phases.lap("backward")
+        clock.phases.lap("backward")
         if ends_group:
             optimizer_step(training, config.optim.grad_clip_norm)
-            phases.lap("optimizer")
+            clock.phases.lap("optimizer")
         stats.loss_sum += loss.item() * len(labels)
         stats.samples += len(labels)
         stats.steps += 1
-    stats.elapsed_s = time.perf_counter() - start
-    stats.forward_s, stats.backward_s, stats.optimizer_s = (phases.seconds(p) for p in ("forward", "backward",
-                                                                                          "optimizer"))
+        progress.epoch_batches = index + 1
+        reason = training.cadence.due(progress.step, env.device) if ends_group and index + 1 < steps else None
+        if reason:
+            if env.rank == 0 and reason.startswith("preemption"):
+                logger.warning(f"{reason}: checkpoint at step {progress.step} (batch {index + 1} of epoch "
+                               f"{progress.epoch + 1}); training goes on until the node goes")
+            clock.record()
+            stats.checkpoints += 1
+            started = time.perf_counter()
+            training.checkpointer.report_within_epoch(progress, reason)
+            training.cadence.done()
+            stats.checkpoint_s += time.perf_counter() - started
+    clock.record()
     if stats.steps != steps:
         raise RuntimeError(f"rank {env.rank} ran {stats.steps} steps, expected {steps}: the shard plan is broken")
-    return stats
+    return replace(stats)
+
+
+class EpochClock:
+    """Adds the time of this stretch of an epoch (from here) to `stats`, which may hold a resumed
+    epoch's earlier stretch."""
+
+    def __init__(self, stats: EpochStats, phases: PhaseTimer):
+        self.stats, self.phases = stats, phases
+        self.start = time.perf_counter()
+        self.base = {name: getattr(stats, name) for name in ("elapsed_s", "forward_s", "backward_s", "optimizer_s")}
+
+    def record(self) -> None:
+        self.stats.elapsed_s = self.base["elapsed_s"] + time.perf_counter() - self.start
+        for phase in ("forward", "backward", "optimizer"):
+            setattr(self.stats, f"{phase}_s", self.base[f"{phase}_s"] + self.phases.seconds(phase))
 
 
 def accumulation_group(index: int, steps: int, accumulation: int) -> tuple[int, bool]:
@@ -348,6 +410,8 @@ def epoch_metrics(epoch: int, env: WorkerEnv, training: Training, stats: EpochSt
         "forward_ms": stats.forward_s * ms_per_step,
         "backward_ms": stats.backward_s * ms_per_step,
         "optimizer_ms": stats.optimizer_s * ms_per_step,
+        "checkpoints_within": stats.checkpoints,
+        "checkpoint_ms": 1000 * stats.checkpoint_s / max(stats.checkpoints * env.world_size, 1),
         "epoch_time_s": epoch_time_s,
     }
     for name, totals in evaluations.items():

@@ -239,10 +239,16 @@ def epochs_to_tune(epochs: int):
     """Ray Train callback: every epoch's metrics but the last to Tune (`TuneReportCallback`)."""
     class EpochsBeforeTheLast(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics[0]["epoch"] < epochs:
+            if is_epoch_result(metrics[0], epochs):
                 super().after_report(run_context, metrics, checkpoint)
 
     return EpochsBeforeTheLast()
+
+
+def is_epoch_result(metrics: dict[str, Any], epochs: int) -> bool:
+    """Whether a report goes to Tune: an epoch's before the last. Not a checkpoint within an epoch
+    (no `epoch`, no validation): ASHA compares epochs only."""
+    return "epoch" in metrics and metrics["epoch"] < epochs
 
 
 def trial_rows(sweep: Sweep, results) -> list[dict[str, Any]]:

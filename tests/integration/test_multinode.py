@@ -1,5 +1,5 @@
 """The training job on a cluster of two Ray nodes on this machine, one worker per node, surviving
-the loss of a node.
+the preemption and loss of a node.
 
 The session's head runs in Ray's single-machine mode, which refuses other nodes, so this module
 starts its own cluster in multi-node mode on the machine's address: a head and a worker node (two
@@ -7,10 +7,13 @@ raylets, 2 logical CPUs each), token authentication, every port its own. The tes
 Ray in single-machine mode, so it drives the cluster through the `ray` CLI in subprocesses.
 
 One scenario serves every assertion: the job (2 workers, STRICT_SPREAD, checkpoints in S3) is
-submitted with `ray job submit`; once its first checkpoint is registered the worker node is killed
-(its whole process family at once, as a machine failure would), and a new worker node joins a few
-seconds later. STRICT_SPREAD cannot place two workers on one node, so Ray Train's restart of the
-worker group (FailureConfig.max_failures) waits for it, then resumes from the checkpoint.
+submitted with `ray job submit`; once its workers read their first epoch, the worker node is drained
+as a cloud preempts a spot machine (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, a
+deadline of 60 s). The workers learn it from Ray Train (`get_preemption_info`) and checkpoint within
+the epoch; once that checkpoint is registered the node is killed (its whole process family at once,
+as the reclaim would), and a new worker node joins a few seconds later. STRICT_SPREAD cannot place
+two workers on one node, so Ray Train's restart of the worker group waits for it, then goes on from
+the preemption checkpoint, within the epoch.
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ pytestmark = pytest.mark.timeout(480)
 
 RUN_NAME = "digits-two-nodes"
 EPOCHS = 3
-BATCH_SIZE = 32
+BATCH_SIZE = 8  # 90 steps per epoch: time for the preemption notice to arrive within the first
+PREEMPTION_CHECK_STEPS = 5
+DRAIN_DEADLINE_S = 60
 WORKERS = 2
 CPUS_PER_NODE = 2
 WORKER_NODE_RESOURCES = {"worker_node": 1}
@@ -69,6 +74,9 @@ READS = re.compile(r"epoch (\d+)/\d+: rank (\d+) on node (\w+) reads (\d+) sampl
 RANGE = re.compile(r"(\S+)\[(\d+):(\d+)\]")
 EPOCH_END = re.compile(r"epoch (\d+)/\d+  train_loss")
 RESTORED = re.compile(r"\(RayTrainWorker pid=(\d+).* restored the checkpoint after epoch (\d+) ")
+RESTORED_WITHIN = re.compile(r"restored the checkpoint after epoch \d+ of \d+, batch (\d+) of epoch (\d+) "
+                             r"\(step (\d+)\)")
+PREEMPTION_NOTICED = re.compile(r"preemption of node\(s\) (\w+): checkpoint at step (\d+)")
 
 
 @dataclass
@@ -114,6 +122,8 @@ class Scenario:
     nodes: list[dict]  # `ray list nodes`: the head, the worker node before the kill, after it
     worker_node_ids: tuple[str, str]  # the worker node's id before the kill, then after it rejoined
     times: dict[str, float]  # time.monotonic() of each step, from "start"
+    preemption_checkpoint: dict  # the metrics of the checkpoint taken on the preemption notice
+    checkpoint_at_kill: dict  # the latest when the node was killed: that one, or an epoch's end after it
 
     @property
     def text(self) -> str:
@@ -139,11 +149,25 @@ class Scenario:
         return runs[0]
 
 
-def wait_for_object(bucket: str, key: str, timeout_s: float) -> None:
+def latest_checkpoint_metrics(bucket: str, key: str) -> dict | None:
+    """The metrics of the latest checkpoint in Ray Train's snapshot `key` (None before one, or when
+    the read raced Ray's rewrite of it)."""
+    store = object_store.shared_store(bucket)
+    try:
+        latest = json.loads(store.get_bytes(key))["latest_checkpoint_result"] if store.head(key) else None
+    except json.JSONDecodeError:
+        return None
+    return latest["metrics"] if latest else None
+
+
+def wait_until(condition, timeout_s: float, what: str, logs: "JobLogs"):
+    """The first true value of `condition()`, asked every 0.2 s."""
     deadline = time.monotonic() + timeout_s
-    while object_store.shared_store(bucket).head(key) is None:
-        assert time.monotonic() < deadline, f"no s3://{bucket}/{key} within {timeout_s:.0f}s"
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what} within {timeout_s:.0f}s; job logs:\n" + "\n".join(
+            line.text for line in logs.lines[-60:])
         time.sleep(0.2)
+    return value
 
 
 def list_nodes(env: dict[str, str]) -> list[dict]:
@@ -183,20 +207,37 @@ def scenario(s3_endpoint, mlflow_server, tmp_path_factory) -> Scenario:
             join_worker_node()
             times["cluster up"] = time.monotonic()
             data_url = prepared.result()
-        raw = tiny_config(RUN_NAME, data_url, storage_url, data={"loader_workers": 0}, mlflow={"log_model": False},
-                          schedule={"epochs": EPOCHS, "warmup_epochs": 0.5}, checkpoint={"max_failures": 3},
+        raw = tiny_config(RUN_NAME, data_url, storage_url, data={"loader_workers": 0, "batch_size": BATCH_SIZE},
+                          mlflow={"log_model": False}, schedule={"epochs": EPOCHS, "warmup_epochs": 0.5},
+                          checkpoint={"max_failures": 3, "preemption_check_steps": PREEMPTION_CHECK_STEPS},
                           scaling={"num_workers": WORKERS, "placement_strategy": "STRICT_SPREAD"})
         config_path = write_config(home / "digits.yaml", raw)
         env = {**os.environ, **ray_client_env(nodes[0].ports, token, host)}
         submission_id = f"train-{uuid.uuid4().hex[:8]}"
-        ray_job("submit", "--no-wait", "--submission-id", submission_id, "--", *train_entrypoint(config_path),
-                env=env)
+        # Ray Train's preemption watcher asks every 5 s by default: every second here
+        runtime_env = json.dumps({"env_vars": {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}})
+        ray_job("submit", "--no-wait", "--submission-id", submission_id, "--runtime-env-json", runtime_env, "--",
+                *train_entrypoint(config_path), env=env)
         times["submitted"] = time.monotonic()
         logs = JobLogs(submission_id, env)
 
-        wait_for_object(checkpoint_bucket, f"runs/{RUN_NAME}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}", 240)
-        times["first checkpoint"] = time.monotonic()
+        wait_until(lambda: any(READS.search(line.text) for line in logs.lines), 240, "the first epoch's reading", logs)
+        times["first epoch started"] = time.monotonic()
+        worker_node = next(node["node_id"] for node in list_nodes(env) if not node["is_head_node"])
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", nodes[0].gcs_address,
+                        "--node-id", worker_node, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+                        "spot instance reclaimed", "--deadline-remaining-seconds", str(DRAIN_DEADLINE_S)],
+                       env=env, check=True, capture_output=True, timeout=120)
+        times["worker node drained"] = time.monotonic()
+        snapshot = f"runs/{RUN_NAME}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+        preemption_checkpoint = wait_until(
+            lambda: (metrics := latest_checkpoint_metrics(checkpoint_bucket, snapshot))
+            and str(metrics.get("reason", "")).startswith("preemption") and metrics, 120,
+            "a checkpoint on the preemption notice", logs)
+        times["preemption checkpoint"] = time.monotonic()
         nodes[1].kill()
+        checkpoint_at_kill = wait_until(lambda: latest_checkpoint_metrics(checkpoint_bucket, snapshot), 60,
+                                        "the latest checkpoint", logs)
         times["worker node killed"] = time.monotonic()
         time.sleep(REJOIN_AFTER_S)
         join_worker_node()
@@ -208,7 +249,7 @@ def scenario(s3_endpoint, mlflow_server, tmp_path_factory) -> Scenario:
         worker_node_ids = tuple(node["node_id"] for node in sorted(
             (node for node in cluster_nodes if not node["is_head_node"]), key=lambda node: node["state"] == "ALIVE"))
         yield Scenario(raw, data_url, storage_url, temp_dirs, token, submission_id, logs.lines, cluster_nodes,
-                       worker_node_ids, times)
+                       worker_node_ids, times, preemption_checkpoint, checkpoint_at_kill)
     finally:
         if logs:
             logs.stop()
@@ -237,13 +278,29 @@ def test_it_restarted_once_from_the_checkpoint_without_redoing_finished_epochs(s
     restored = RESTORED.findall(scenario.text)
     assert len(restored) == 1 and int(restored[0][0]) in second, restored
     resumed_after = int(restored[0][1])
-    assert 1 <= resumed_after < EPOCHS
+    assert 0 <= resumed_after < EPOCHS
     epochs_read = [{int(match[1]) for pid, match in scenario.reads() if pid in group} for group in (first, second)]
     assert set(range(1, resumed_after + 1)) <= epochs_read[0] <= set(range(1, resumed_after + 2))
     assert epochs_read[1] == set(range(resumed_after + 1, EPOCHS + 1))  # finished epochs are not trained again
     assert sorted(int(epoch) for epoch in EPOCH_END.findall(scenario.text)) == list(range(1, EPOCHS + 1))
     history = MlflowClient().get_metric_history(scenario.mlflow_run.info.run_id, "epoch")
     assert sorted(metric.step for metric in history) == list(range(1, EPOCHS + 1))
+
+
+def test_a_preempted_node_is_checkpointed_within_the_epoch_and_training_goes_on_from_there(scenario):
+    before, _ = scenario.worker_node_ids
+    noticed = scenario.preemption_checkpoint
+    [(node, step)] = PREEMPTION_NOTICED.findall(scenario.text)
+    assert before.startswith(node) and int(step) == noticed["step"] and noticed["epoch_batches"] > 0
+    latest = scenario.checkpoint_at_kill
+    assert latest["step"] >= noticed["step"]  # an epoch may have ended between the notice and the kill
+    if "within_epoch" in latest:  # restarted at the batch after the checkpoint, not at the epoch's start
+        [(batch, epoch, restored_step)] = RESTORED_WITHIN.findall(scenario.text)
+        assert (int(batch), int(epoch), int(restored_step)) == (
+            latest["epoch_batches"], latest["within_epoch"], latest["step"])
+    else:
+        [(_, resumed_after)] = RESTORED.findall(scenario.text)
+        assert int(resumed_after) == latest["epoch"]
 
 
 def test_one_worker_per_node_each_reading_its_own_samples(scenario):

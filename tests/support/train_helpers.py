@@ -98,7 +98,7 @@ def ray_job(*args: str, check: bool = True, cwd: Path | None = None,
 
 
 def checkpointed_epoch(storage_url: str, run_name: str) -> int:
-    """The epoch of run `run_name`'s latest checkpoint registered by Ray Train (0 if none)."""
+    """The completed epochs of run `run_name`'s latest checkpoint registered by Ray Train (0 if none)."""
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
     location = object_store.parse_s3_url(storage_url)
@@ -112,7 +112,10 @@ def checkpointed_epoch(storage_url: str, run_name: str) -> int:
         except json.JSONDecodeError:  # a read racing Ray's rewrite came back torn from moto (seen under load)
             time.sleep(0.1)
             continue
-        return int(latest["metrics"]["epoch"]) if latest else 0
+        if not latest:
+            return 0
+        metrics = latest["metrics"]  # a checkpoint within epoch E has no "epoch": E - 1 are complete
+        return int(metrics["epoch"]) if "epoch" in metrics else int(metrics["within_epoch"]) - 1
     raise AssertionError(f"{key} stayed unreadable (torn JSON) for 50 reads")
 
 

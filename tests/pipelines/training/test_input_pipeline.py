@@ -11,7 +11,8 @@ import torch
 from data_prep.dataset import PreparedDataset
 from infra.errors import UserError
 from pipelines.training.augment import EvalTransform, TrainTransform
-from pipelines.training.input_pipeline import ReaderLayout, SplitShards, eval_loader, train_loader
+from pipelines.training.input_pipeline import (ReaderLayout, SplitShards, batch_order, epoch_batches, eval_loader,
+                                               train_loader)
 from pipelines.training.sharding import steps_per_epoch
 from pipelines.training.driver import check_dataset
 from pipelines.training.config import parse_config
@@ -38,6 +39,31 @@ def test_train_loaders_run_equal_full_batches_on_every_rank(local_dataset):
         assert len(batches) == steps
         assert all(images.shape == (8, 3, 16, 16) and images.dtype == torch.uint8 for images, _ in batches)
         assert all(labels.dtype == torch.long and labels.shape == (8,) for _, labels in batches)
+
+
+def test_batches_come_round_robin_from_the_loader_workers_that_still_have_some():
+    assert batch_order([2, 3, 1]) == [0, 1, 2, 0, 1, 1]
+    assert batch_order([4]) == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("loader_workers", [0, 1, 3])
+def test_an_epoch_resumed_at_any_batch_goes_on_with_the_same_batches_and_augmentations(local_dataset,
+                                                                                     loader_workers):
+    shards = SplitShards.of(local_dataset, "train")
+    transform = TrainTransform(16, (0.3, 1.0), (0.75, 1.33), 0.5, 2, 9.0, "bicubic")
+    layout = ReaderLayout(1, 2, loader_workers=loader_workers)
+
+    def batches(start: int) -> list:
+        loader = train_loader(shards, layout, transform, 4, 10, 0, epoch=2, start_batch=start)
+        return list(epoch_batches(loader))
+
+    whole = batches(0)
+    assert len(whole) == steps_per_epoch(shards.total, 2, 4) and len(whole) > 5
+    for start in (1, 2, len(whole) // 2 + 1, len(whole) - 1):
+        resumed = batches(start)
+        assert len(resumed) == len(whole) - start, start
+        for (images, labels), (expected_images, expected_labels) in zip(resumed, whole[start:]):
+            assert torch.equal(labels, expected_labels) and torch.equal(images, expected_images), start
 
 
 def test_eval_loaders_cover_the_split_once_across_ranks(local_dataset):

@@ -26,7 +26,8 @@ def test_checkpointer_restores_every_state(tmp_path):
         scheduler = build_scheduler(optimizer, ScheduleSettings(epochs=4, warmup_epochs=1), steps_per_epoch=2)
         progress, private = TrainProgress(), random.Random(5)
         states = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
-        return states, private, Checkpointer(states, RngState(private), rank=0, config_json='{"name": "x"}')
+        return states, private, Checkpointer(states, {"rng": RngState(private)}, rank=0,
+                                                   config_json='{"name": "x"}')
 
     saved, private, checkpointer = parts()
     saved["model"](torch.randn(5, 3)).sum().backward()
