@@ -10,10 +10,12 @@ processes and their files, for the checks that they listen and store privately.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -57,6 +59,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_leaves_the_process_as_it_found_it() -> Iterator[None]:
+    """A module whose tests connect this process to Ray (commands run through `main()`) disconnects
+    when it ends, and `builtins.print`, which Ray's progress bars replace, is put back: later modules
+    see neither."""
+    original_print = builtins.print
+    yield
+    builtins.print = original_print
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 @contextlib.contextmanager
