@@ -27,6 +27,7 @@ class TrainingRun(TrackedRun):
         self.held_back: list[Metric] = []  # epoch metrics MLflow has not accepted yet
         self.unreachable = False  # the last attempt to send them failed
         self.figures_due: dict[str, Callable[[], Any]] = {}  # artifact -> its latest drawing, not logged yet
+        self.logged_before_restart: set[int] = set()  # epochs MLflow has that the restored checkpoint lacks
 
     @classmethod
     def attach(cls, run_name: str, experiment: str, tracking_uri: str | None, run_id: str | None,
@@ -34,11 +35,12 @@ class TrainingRun(TrackedRun):
                history: Sequence[Mapping[str, float]] = ()) -> TrainingRun:
         """The MLflow run of training run `run_name`: `run_id` if known, else an unstarted one, else
         new (nested under `parent_run_id`, a sweep's run, if given). `history` holds the metrics of
-        the epochs already trained (a restored checkpoint's): those the run lacks are sent now."""
+        the epochs already trained (a restored checkpoint's): those the run lacks are sent now, and
+        those it has beyond them are not logged again."""
         server = TrackingServer.at(tracking_uri)
         tags = {RUN_NAME_TAG: run_name, **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
         run = cls.open(server, experiment, run_id, run_name, tags, params, config_yaml, find=_unstarted_run)
-        if history:
+        if history or run_id:  # restored from a checkpoint
             run._hold_back_missing(history)
             if run.held_back:
                 run.figures_due[LEARNING_CURVES] = partial(plots.learning_curves, list(history))
@@ -52,8 +54,13 @@ class TrainingRun(TrackedRun):
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float], history: Sequence[dict[str, float]],
                   confusion: torch.Tensor, class_names: Sequence[str]) -> None:
-        """The epoch's metrics (step = epoch) and figures; held back while MLflow is unreachable."""
-        self._hold_back(epoch, metrics, int(time.time() * 1000))
+        """The epoch's metrics (step = epoch) and figures; held back while MLflow is unreachable. An epoch
+        MLflow already has (logged before a restart, trained again from an earlier checkpoint) is not
+        sent twice."""
+        if epoch in self.logged_before_restart:
+            logger.info(f"MLflow run {self.run_id} has epoch {epoch} from before the restart: not logged again")
+        else:
+            self._hold_back(epoch, metrics, int(time.time() * 1000))
         self.figures_due.update({LEARNING_CURVES: partial(plots.learning_curves, list(history)),
                                  CONFUSION_MATRIX: partial(plots.confusion_matrix, confusion, class_names)})
         self._deliver(*HELD_BACK)
@@ -102,8 +109,9 @@ class TrainingRun(TrackedRun):
 
     def _hold_back_missing(self, history: Sequence[Mapping[str, float]]) -> None:
         """Hold back the epochs of `history` that the run lacks (logged at the current time: when they
-        were measured is not in the checkpoint)."""
+        were measured is not in the checkpoint); note those it has beyond `history`."""
         logged = {metric.step for metric in self.client.get_metric_history(self.run_id, "epoch")}
+        self.logged_before_restart = logged - {int(record["epoch"]) for record in history}
         missing = [record for record in history if int(record["epoch"]) not in logged]
         timestamp = int(time.time() * 1000)
         for record in missing:

@@ -5,12 +5,14 @@ server of its own (the session's is shared by the whole suite and must stay up).
 
     checkpoint 1 stored -> one Ray Train worker process is killed (SIGKILL): Ray Train restarts
                            the worker group from the checkpoint (`checkpoint.max_failures`)
-    checkpoint 2 stored -> the MLflow server is stopped; training goes on, rank 0 holds epoch 3's
-                           metrics back
-    checkpoint 3 stored -> the job's driver is killed (SIGKILL), taking the held-back metrics with
-                           it; the MLflow server is started again on the same port
-    the job is submitted again under the same run name: it resumes after epoch 3, sends epoch 3's
-    metrics from the checkpoint, and trains the last epoch.
+    checkpoint 2 stored -> the MLflow server is stopped; training goes on, rank 0 holds the
+                           metrics of the next epoch it ends back (H: 3, or 4 when epoch 3 ended
+                           before the server stopped, checkpoints uploading in the background)
+    checkpoint H stored -> the job's driver is killed (SIGKILL), taking the held-back metrics with
+                           it; once its workers have ended (their last checkpoint: K >= H), the
+                           MLflow server is started again on the same port
+    the job is submitted again under the same run name: it resumes after epoch K, sends epochs
+    H..K's metrics from the checkpoint, and trains the last epochs.
 
 Meanwhile a `TrainingRun` in this process, attached before the outage, logs an epoch during it and
 one after it: the first is held back and sent with the second.
@@ -39,6 +41,7 @@ from pipelines.tracking.training_run import TrainingRun
 from tests.conftest import RAY_AUTH_TOKEN, TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.support.train_helpers import (
     ANSI_COLOUR,
+    checkpointed_epoch,
     OwnMlflowServer,
     job_report,
     prepare_dataset,
@@ -54,8 +57,9 @@ pytestmark = pytest.mark.timeout(600)
 
 RUN_NAME = "digits-faults"
 EXPERIMENT = "vitae-faults"
-EPOCHS = 4
-KILL_WORKER_AFTER, STOP_MLFLOW_AFTER, KILL_DRIVER_AFTER = 1, 2, 3  # checkpointed epochs
+EPOCHS = 5
+KILL_WORKER_AFTER, STOP_MLFLOW_AFTER = 1, 2  # checkpointed epochs
+HELD_BACK = re.compile(r"the metrics of epoch\(s\) (\d+) are held back; training goes on")
 EPOCH_LINE = re.compile(rf"\(RayTrainWorker pid=(\d+)[^)]*\) epoch (\d+)/{EPOCHS}  train_loss")
 
 
@@ -101,6 +105,12 @@ class Scenario:
     probe: Probe
     submissions: tuple[str, ...]
     mlflow_back_at: float  # time.time() when the MLflow server answered again
+    held_back_epoch: int  # the first epoch rank 0 held back (H)
+    resumed_after: int  # the killed job's last checkpoint (K)
+
+    @property
+    def held_back_epochs(self) -> str:
+        return ", ".join(str(epoch) for epoch in range(self.held_back_epoch, self.resumed_after + 1))
 
     @property
     def client(self) -> MlflowClient:
@@ -182,22 +192,28 @@ def run_scenario(config_path: Path, storage_url: str, tracking_server: OwnMlflow
     probe.log_epoch(1, probe_metrics(1), [probe_metrics(1)], torch.eye(2, dtype=torch.long), ["a", "b"])
     probe_outage = Probe(probe.run_id, time.monotonic() - started, {metric.step for metric in probe.held_back},
                          min((metric.timestamp for metric in probe.held_back), default=0))
+    held_back = wait_for(lambda: HELD_BACK.search(jobs.get_job_logs(first)), "rank 0's held-back warning", 150)
+    held_back_epoch = int(held_back.group(1))
+    timeline.mark(f"epoch {held_back_epoch}'s metrics held back")
+    assert held_back_epoch < EPOCHS, "the job ended before its driver could be killed\n" + job_report(first)
     # without the hold-back, rank 0 would retry for minutes and the next checkpoint would wait
-    if wait_for_checkpoint(storage_url, RUN_NAME, KILL_DRIVER_AFTER, 150, first):
-        timeline.mark(f"checkpoint {KILL_DRIVER_AFTER} stored while MLflow was down")
+    if wait_for_checkpoint(storage_url, RUN_NAME, held_back_epoch, 150, first):
+        timeline.mark(f"checkpoint {held_back_epoch} stored while MLflow was down")
     driver_pid = int(jobs.get_job_info(first).driver_info.pid)
     os.kill(driver_pid, signal.SIGKILL)
     timeline.mark(f"driver pid {driver_pid} killed")
-    tracking_server.start()
-    mlflow_back_at = time.time()
-    timeline.mark("MLflow server started again on the same port")
     first_status = wait_for(lambda: (status := jobs.get_job_status(first)).is_terminal() and status,
                             "the killed job's end")
     timeline.mark(f"first job {first_status}")
+    wait_for(lambda: not train_worker_pids(job_id), "the killed job's workers to end")
+    resumed_after = checkpointed_epoch(storage_url, RUN_NAME)
+    timeline.mark(f"the killed job's workers ended; its last checkpoint: epoch {resumed_after}")
+    tracking_server.start()
+    mlflow_back_at = time.time()
+    timeline.mark("MLflow server started again on the same port")
     probe.log_epoch(2, probe_metrics(2), [probe_metrics(1), probe_metrics(2)], torch.eye(2, dtype=torch.long),
                     ["a", "b"])
     probe.finish()
-    wait_for(lambda: not train_worker_pids(job_id), "the killed job's workers to end")
     first_logs = ray_job("logs", first).stdout
 
     second = f"faults-{uuid.uuid4().hex[:8]}"
@@ -206,7 +222,7 @@ def run_scenario(config_path: Path, storage_url: str, tracking_server: OwnMlflow
     timeline.mark(f"second job ended (exit {resumed.returncode})")
     return Scenario(tracking_server.server.uri, timeline, killed_worker, workers_before, workers_after, str(first_status),
                     first_logs, resumed.stdout + resumed.stderr, resumed.returncode, probe_outage, (first, second),
-                    mlflow_back_at)
+                    mlflow_back_at, held_back_epoch, resumed_after)
 
 
 def completed_epochs(logs: str) -> list[tuple[int, int]]:
@@ -218,38 +234,47 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(scenario):
     assert scenario.killed_worker in scenario.workers_before and len(scenario.workers_before) == 2
     assert scenario.workers_after and not scenario.workers_after & scenario.workers_before
     epochs = completed_epochs(scenario.first_logs)
-    # each epoch completed once: the one in progress at the kill was trained again, not epoch 1
-    assert [epoch for _, epoch in epochs] == list(range(1, KILL_DRIVER_AFTER + 1)), epochs
-    before, after = epochs[:KILL_WORKER_AFTER], epochs[KILL_WORKER_AFTER:]  # rank 0's process
-    assert {pid for pid, _ in before} <= scenario.workers_before and {pid for pid, _ in after} <= scenario.workers_after
-    assert f"restored the checkpoint after epoch {KILL_WORKER_AFTER} of {EPOCHS}" in scenario.first_logs
+    # the restarted group goes on from the checkpoint stored before the kill, not from epoch 1: epoch 1's,
+    # or epoch 2's when its upload, in the background, ended in between. An epoch rank 0 ended after that
+    # checkpoint was trained again.
+    restored = int(re.search(rf"restored the checkpoint after epoch (\d+) of {EPOCHS}", scenario.first_logs)[1])
+    assert restored >= KILL_WORKER_AFTER
+    before = [epoch for pid, epoch in epochs if pid in scenario.workers_before]  # rank 0's process
+    after = [epoch for pid, epoch in epochs if pid in scenario.workers_after]
+    assert before + after == [epoch for _, epoch in epochs], epochs
+    assert before == list(range(1, len(before) + 1)) and len(before) >= restored, (epochs, restored)
+    assert after == list(range(restored + 1, restored + 1 + len(after))), (epochs, restored)
+    # rank 0 prints an epoch's line before it checkpoints the epoch: the driver's kill may fall in between
+    assert after[-1] in (scenario.resumed_after, scenario.resumed_after + 1), (epochs, scenario.resumed_after)
 
 
 def test_a_killed_driver_resubmitted_under_its_name_resumes(scenario):
     assert "FAILED" in scenario.first_status
     assert scenario.second_returncode == 0, scenario.second_output[-4000:]
-    assert f"run {RUN_NAME}: resuming after epoch {KILL_DRIVER_AFTER} of {EPOCHS}" in scenario.second_output
+    assert f"run {RUN_NAME}: resuming after epoch {scenario.resumed_after} of {EPOCHS}" in scenario.second_output
     epochs = [epoch for _, epoch in completed_epochs(scenario.second_output)]
-    assert epochs == list(range(KILL_DRIVER_AFTER + 1, EPOCHS + 1)), epochs
+    assert epochs == list(range(scenario.resumed_after + 1, EPOCHS + 1)), epochs
     assert f"done: epoch {EPOCHS}," in scenario.second_output
     assert scenario.run.info.status == "FINISHED"
 
 
 def test_training_goes_on_while_mlflow_is_down(scenario):
     timeline = scenario.timeline
-    stored = timeline.at(f"checkpoint {KILL_DRIVER_AFTER} stored while MLflow was down")
+    stored = timeline.at(f"checkpoint {scenario.held_back_epoch} stored while MLflow was down")
     assert timeline.at(f"checkpoint {STOP_MLFLOW_AFTER} stored; MLflow server stopped") < stored
     assert stored < timeline.at("MLflow server started again")
-    assert f"the metrics of epoch(s) {KILL_DRIVER_AFTER} are held back; training goes on" in scenario.first_logs
+    assert scenario.held_back_epoch > STOP_MLFLOW_AFTER
+    assert f"the metrics of epoch(s) {scenario.held_back_epoch} are held back; training goes on" in scenario.first_logs
     assert scenario.first_logs.count("restored the checkpoint") == 1  # the outage failed nothing
 
 
 def test_mlflow_holds_every_epoch_once_including_those_held_back(scenario):
-    assert f"lacks epoch(s) {KILL_DRIVER_AFTER}" in scenario.second_output  # sent from the checkpoint
+    assert f"lacks epoch(s) {scenario.held_back_epochs}" in scenario.second_output, (  # sent from the checkpoint
+        f"{scenario.timeline.events}\n{scenario.second_output[-6000:]}")
     for key in ("epoch", "train_loss", "val_top1", "step"):
         assert [metric.step for metric in scenario.history(key)] == list(range(1, EPOCHS + 1)), key
     logged_at = {metric.step: metric.timestamp / 1000 for metric in scenario.history("epoch")}
-    assert logged_at[KILL_DRIVER_AFTER] > scenario.mlflow_back_at  # sent once MLflow was back
+    assert logged_at[scenario.held_back_epoch] > scenario.mlflow_back_at  # sent once MLflow was back
     assert all(logged_at[epoch] < logged_at[epoch + 1] for epoch in range(1, EPOCHS))
 
 

@@ -83,3 +83,24 @@ def test_figures_are_redrawn_from_the_full_history_once_held_back_metrics_are_de
     assert again.run_id == tracker.run_id and not again.held_back
     assert logged(client, tracker.run_id, LEARNING_CURVES, tmp_path / "attached") == png(
         plots.learning_curves(history))
+
+
+def test_an_epoch_trained_again_after_a_restart_is_logged_once(tracking_server):
+    """Rank 0 logged epoch 2, then its worker died before epoch 2's checkpoint was stored (uploads
+    run in the background): the restarted group restores epoch 1's checkpoint and trains epoch 2
+    again. MLflow keeps one entry per epoch; epoch 3 goes on as usual."""
+    uri = tracking_server.server.uri
+    tracker = TrainingRun.attach("restarted", "vitae-restarts", uri, None, {"probe": 1}, "probe: 1\n")
+    history = [epoch_metrics(1), epoch_metrics(2)]
+    for epoch in (1, 2):
+        tracker.log_epoch(epoch, history[epoch - 1], history[:epoch], confusion(epoch), CLASSES)
+    again = TrainingRun.attach("restarted", "vitae-restarts", uri, tracker.run_id, {"probe": 1}, "probe: 1\n",
+                               history=history[:1])
+    assert again.logged_before_restart == {2}
+    again.log_epoch(2, epoch_metrics(2), history, confusion(2), CLASSES)
+    history.append(epoch_metrics(3))
+    again.log_epoch(3, history[-1], history, confusion(3), CLASSES)
+    again.finish()
+    client = MlflowClient(uri)
+    for key in ("epoch", "val_top1"):
+        assert [metric.step for metric in client.get_metric_history(tracker.run_id, key)] == [1, 2, 3], key
