@@ -1,6 +1,7 @@
 """The fast parts of the benchmarks (the benchmarks themselves are run by hand, see README.md):
 the GPU-readiness script on a machine without a GPU and its MFU arithmetic on the CPU, and the
-plain training loop of the training-step benchmark with the per-phase step timing it reads."""
+plain training loop of the training-step benchmark with the per-phase step timing it reads, and
+the transfer benchmark's loading of its pretrained arm."""
 
 from __future__ import annotations
 
@@ -67,3 +68,28 @@ def test_plain_loop_reports_where_the_step_time_goes(tmp_path):
         assert sum(phases_ms) <= step_ms  # the phases are parts of a step; the rest is bookkeeping
         assert sum(phases_ms) > 0.8 * step_ms
     assert history[1]["step"] == 2 * history[0]["step"] > 0  # one optimiser step per batch
+
+
+def test_transfer_fine_tunes_both_arms_from_the_same_fresh_head(tmp_path):
+    """The transfer benchmark's pieces: the pretrained arm takes every non-head tensor of the
+    checkpoint through `model.pretrained`'s path and keeps the run's own fresh head."""
+    from benchmarks.transfer import load_keeping_the_head, run_config
+    from pipelines.training.initial_weights import read_initial_weights
+    from pipelines.training.worker import build_model
+    from vitae.pretrained import reference_checkpoint
+
+    torch.manual_seed(0)
+    source = build_model(run_config("source", 2, 8, 1e-3), 5)
+    with torch.no_grad():
+        for value in source.parameters():
+            value.add_(1.0)  # unlike any fresh initialisation
+    path = tmp_path / "source.pth"
+    torch.save(reference_checkpoint(source), path)
+    config = run_config("target", 2, 8, 1e-3, pretrained=str(path))
+    torch.manual_seed(1)
+    model = build_model(config, 5)
+    fresh = {key: value.clone() for key, value in model.state_dict().items()}
+    load_keeping_the_head(model, read_initial_weights(config, 5))
+    for key, value in model.state_dict().items():
+        expected = fresh[key] if key.startswith("head.") else source.state_dict()[key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
