@@ -57,9 +57,16 @@ class _Tasks:
             self.bar.refresh()
 
     def finish(self, refs: list[ray.ObjectRef]) -> list:
+        """The tasks' results, in order; `UserError` naming the cause if one failed every attempt."""
         results = []
         for ref in refs:
-            results.append(ray.get(ref))
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayError as error:
+                cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) and error.cause else error
+                reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+                raise UserError(f"a conversion task failed, run {TASK_RETRIES + 1} times at most: "
+                                f"{type(cause).__name__}: {reason}".rstrip(": ")) from None
             if ref in self.pending:
                 self.pending.remove(ref)
                 self.bar.update(ref in self.writes)

@@ -19,9 +19,13 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+import ray
 from PIL import Image
+from tqdm import tqdm
 
 from data_prep import ray_conversion
+from infra.errors import UserError
 from pipelines.cli import main
 from tests.data_prep.test_prep import BAD_FOLDER, image_bytes, write_files
 from tests.support.train_helpers import ray_job
@@ -167,3 +171,21 @@ def test_parquet_source_converts_in_bounded_memory(tmp_path):
     peak = peak_rss_mib(str(large), "--out", str(tmp_path / "large-out"))
     print(f"parquet {size_mib:.0f} MiB: peak RSS {peak:.0f} MiB, {baseline:.0f} MiB for a tiny file")
     assert peak - baseline < size_mib / 3, (peak, baseline, size_mib)  # read whole: more than size_mib
+
+
+def test_a_task_that_keeps_failing_is_one_line_naming_its_cause(ray_cluster):
+    """What `vitae prep --ray` reports when a task fails on every attempt (a shard directory that a
+    node cannot write, say): one line with the task's own error, not Ray's traceback."""
+    ray_conversion.connect()
+
+    @ray.remote(max_retries=0)
+    def failing():
+        raise OSError(28, "No space left on device")
+
+    tasks = ray_conversion._Tasks(limit=2, bar=tqdm(disable=True))
+    ref = failing.remote()
+    tasks.add(ref)
+    with pytest.raises(UserError) as error:
+        tasks.finish([ref])
+    message = str(error.value)
+    assert message == ("a conversion task failed, run 4 times at most: OSError: [Errno 28] No space left on device"), message
