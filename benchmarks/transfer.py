@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from benchmarks.report import print_table, timed
 from data_prep.sources import SourceOptions, digits_source
+from pipelines.training.augment import normalize, to_uint8_tensor
 from pipelines.training.config import TrainConfig, parse_config
 from pipelines.training.initial_weights import read_initial_weights
 from pipelines.training.optim import build_optimizer, build_scheduler
@@ -37,9 +38,7 @@ SOURCE_CLASSES, TARGET_CLASSES = range(0, 5), range(5, 10)
 def digits(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every digit as `vitae prep digits` renders it: uint8 (N, 3, size, size) images and labels."""
     source = digits_source(SourceOptions(digits_size=size))
-    pixels = [torch.frombuffer(bytearray(Image.open(io.BytesIO(image.read())).tobytes()), dtype=torch.uint8)
-              for image in source.images]
-    images = torch.stack(pixels).reshape(-1, size, size, 3).permute(0, 3, 1, 2).contiguous()
+    images = torch.stack([to_uint8_tensor(Image.open(io.BytesIO(image.read()))) for image in source.images])
     return images, torch.tensor([image.label for image in source.images])
 
 
@@ -56,9 +55,7 @@ def run_config(name: str, epochs: int, batch_size: int, lr: float, pretrained: s
 
 
 def normalised(images: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return normalize(images, torch.tensor(model.pretrained_cfg["mean"]), torch.tensor(model.pretrained_cfg["std"]))
 
 
 def train(model: torch.nn.Module, config: TrainConfig, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:

@@ -63,10 +63,10 @@ class _Tasks:
             try:
                 results.append(ray.get(ref))
             except ray.exceptions.RayError as error:
-                cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) and error.cause else error
-                reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
-                raise UserError(f"a conversion task failed, run {TASK_RETRIES + 1} times at most: "
-                                f"{type(cause).__name__}: {reason}".rstrip(": ")) from None
+                cause = getattr(error, "cause", None) or error  # a task's own exception, else Ray's
+                lines = str(cause).strip().splitlines()
+                what = f"{type(cause).__name__}: {lines[-1]}" if lines else type(cause).__name__
+                raise UserError(f"a conversion task failed, run {TASK_RETRIES + 1} times at most: {what}") from None
             if ref in self.pending:
                 self.pending.remove(ref)
                 self.bar.update(ref in self.writes)

@@ -134,9 +134,7 @@ def test_prep_through_a_flaky_endpoint_is_byte_identical_and_verifies(s3_endpoin
     client = direct_client(s3_endpoint)
     assert stored_objects(client, bucket, "flaky") == stored_objects(client, bucket, "clean")
     print("faults met by prep + verify:", proxy.summary())
-    # the endpoint was flaky in both ways: ~120 requests (how many depends on Ray Train's timing) meet
-    # 503s with p = 0.08 (4 to 10 seen) and dropped or cut connections with p = 0.08
-    assert proxy.injected("slowdown") >= 2 and proxy.injected("drop") + proxy.injected("cut") >= 2, proxy.summary()
+    assert proxy.injected("slowdown") >= 5 and proxy.injected("drop") + proxy.injected("cut") >= 2, proxy.summary()
 
 
 def test_streaming_a_split_through_a_flaky_endpoint_yields_every_sample_once(clean_url, proxies, monkeypatch):
