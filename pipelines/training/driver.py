@@ -78,7 +78,11 @@ def check_resumable(config: TrainConfig, storage: RunStorage) -> str:
     if changes:
         raise UserError(f"run {config.name} exists in {storage.url} with another config ({'; '.join(changes)}): "
                         "resume it unchanged or choose a new name")
-    return f"run {config.name}: resuming after epoch {previous.metrics['epoch']} of {config.schedule.epochs}"
+    metrics = previous.metrics
+    if "within_epoch" in metrics:  # a checkpoint taken within an epoch
+        return (f"run {config.name}: resuming within epoch {metrics['within_epoch']} of {config.schedule.epochs} "
+                f"(step {metrics['step']})")
+    return f"run {config.name}: resuming after epoch {metrics['epoch']} of {config.schedule.epochs}"
 
 
 def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = (),

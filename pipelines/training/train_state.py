@@ -7,7 +7,6 @@ checkpoint directory: docs/design/training.md.
 from __future__ import annotations
 
 import json
-import math
 import random
 import tempfile
 import time
@@ -23,6 +22,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 STATE_NAME = "train_state.pt"
 CONFIG_NAME = "config.json"
+# The val_top1 of a checkpoint within an epoch: below any top-1. Not NaN: Ray Train's checkpoint
+# manager snapshot stores it as null, and a driver that restores the snapshot cannot rank null.
+WITHIN_EPOCH_SCORE = -1.0
 
 
 @dataclass
@@ -146,9 +148,9 @@ class Checkpointer:
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
     def report_within_epoch(self, progress: TrainProgress, reason: str) -> None:
-        """A mid-epoch checkpoint: no validation score (NaN, which ranks below every epoch's in
+        """A mid-epoch checkpoint: no validation score (`WITHIN_EPOCH_SCORE`, below every epoch's in
         `num_to_keep`), and no `epoch` key (no epoch result to ASHA)."""
-        self.report({"val_top1": math.nan, "step": progress.step, "epoch_batches": progress.epoch_batches,
+        self.report({"val_top1": WITHIN_EPOCH_SCORE, "step": progress.step, "epoch_batches": progress.epoch_batches,
                      "within_epoch": progress.epoch + 1, "reason": reason})
 
     def restore_latest(self) -> bool:

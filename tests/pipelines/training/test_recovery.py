@@ -8,7 +8,6 @@ second has registered a checkpoint within its first epoch, one of its Ray Train 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -21,7 +20,7 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 
 from infra import object_store
 from pipelines.training.run_storage import RunStorage
-from pipelines.training.train_state import STATE_NAME
+from pipelines.training.train_state import STATE_NAME, WITHIN_EPOCH_SCORE
 from pipelines.tuning.driver import is_epoch_result
 from tests.support.train_helpers import (job_report, prepare_dataset, ray_job, tiny_config, train_entrypoint,
                                          train_worker_pids, write_config)
@@ -114,7 +113,7 @@ def test_checkpoints_within_epochs_take_no_place_among_the_kept_epoch_checkpoint
 
 
 def test_a_checkpoint_within_an_epoch_is_no_epoch_result_for_asha():
-    within = {"val_top1": math.nan, "step": 3, "epoch_batches": 3, "within_epoch": 1}
+    within = {"val_top1": WITHIN_EPOCH_SCORE, "step": 3, "epoch_batches": 3, "within_epoch": 1}
     assert not is_epoch_result(within, epochs=3)
     assert is_epoch_result({"epoch": 2, "val_top1": 0.5}, epochs=3)
     assert not is_epoch_result({"epoch": 3, "val_top1": 0.5}, epochs=3)  # the last: reported once fit returns
