@@ -22,7 +22,6 @@ from benchmarks.report import print_table, timed
 from data_prep.dataset import PreparedDataset
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import SourceOptions
-from pipelines.training.input_pipeline import train_loader
 from pipelines.training.run_storage import RunStorage
 from pipelines.training.config import TrainConfig, load_config
 
@@ -33,20 +32,21 @@ PHASES = ("data_wait_ms", "forward_ms", "backward_ms", "optimizer_ms")
 def plain_loop(config: TrainConfig) -> list[dict[str, float]]:
     """The job's training epochs, run here without Ray: one rank, CPU; per-epoch metrics."""
     # imports ray: only inside `embedded_stack`, once Ray's settings are in the environment
-    from pipelines.training.worker import WorkerEnv, build_data, build_model, epoch_metrics, fresh_training, train_epoch
+    from pipelines.training.worker import (WorkerEnv, build_data, build_model, epoch_loader, epoch_metrics,
+                                           fresh_training, train_epoch)
 
     env = WorkerEnv(0, 1, torch.device("cpu"))
     dataset = PreparedDataset.open(config.data.url)
     torch.manual_seed(config.seed)
     model = build_model(config, len(dataset.class_names))
     data = build_data(config, env, dataset, model.pretrained_cfg)
-    training = fresh_training(config, env, model, data.steps_per_epoch)
+    training = fresh_training(config, env, model, data.epoch_blocks)
     history = []
     for epoch in range(config.schedule.epochs):
-        loader = train_loader(data.train, data.layout, data.train_transform, config.data.batch_size,
-                              config.data.shuffle_buffer, config.seed, epoch)
+        loader = epoch_loader(config, env, data, training, epoch)
         seconds, stats = timed(lambda: train_epoch(config, env, data, training, loader))
         history.append(epoch_metrics(epoch, env, training, stats, {}, seconds))
+        training.progress.complete_epoch(history[-1])
     return history
 
 

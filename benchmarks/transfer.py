@@ -64,7 +64,7 @@ def train(model: torch.nn.Module, config: TrainConfig, images: torch.Tensor, lab
     generator = torch.Generator().manual_seed(seed)
     steps = -(-len(images) // config.data.batch_size)
     optimizer = build_optimizer(model, config.optim, config.peak_lr)
-    scheduler = build_scheduler(optimizer, config.schedule, steps)
+    scheduler = build_scheduler(optimizer, config.schedule, lambda step: step / steps)
     inputs = normalised(images, model)
     model.train()
     for _ in range(config.schedule.epochs):

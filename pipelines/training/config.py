@@ -27,7 +27,7 @@ RESUMABLE_CHANGES = frozenset({
     "data.loader_workers", "scaling.use_gpu", "scaling.resources_per_worker", "scaling.placement_strategy",
     "checkpoint.num_to_keep", "checkpoint.max_failures", "mlflow.log_model", "mlflow.tracking_uri",
     "mlflow.parent_run_id", "data.on_bad_sample", "checkpoint.every_steps", "checkpoint.every_minutes",
-    "checkpoint.upload", "checkpoint.preemption_check_steps",
+    "checkpoint.upload", "checkpoint.preemption_check_steps", "scaling.num_workers",
 })
 
 # Upper bounds of sizes, far above any published recipe but below what would exhaust a machine.
@@ -35,7 +35,7 @@ MAX_DEPTH = 64  # normal cells: twice the deepest family (vitae_h, 32); validati
 MAX_IMG_SIZE = 1024  # pixels: ViTAE's first cells attend over (img_size / 4)^2 tokens, quartic in memory
 MAX_MLP_RATIO = 16.0  # published ViTAE models use 2 to 4
 MAX_BATCH_SIZE = 4096  # images per worker and micro-step
-MAX_SHUFFLE_BUFFER = 100_000  # decoded images held by each DataLoader process
+MAX_SHUFFLE_BUFFER = 100_000  # undecoded samples of a shuffle window held by each DataLoader process
 MAX_LOADER_WORKERS = 64  # DataLoader processes per worker
 MAX_ACCUMULATION_STEPS = 1024
 MAX_EPOCHS = 10_000
@@ -84,7 +84,7 @@ class DataSettings(_Section):
     val_split: str = "val"
     batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE)  # per worker and micro-step
     loader_workers: int = Field(2, ge=0, le=MAX_LOADER_WORKERS)  # DataLoader processes per worker
-    shuffle_buffer: int = Field(1000, ge=1, le=MAX_SHUFFLE_BUFFER)  # samples
+    shuffle_buffer: int = Field(1000, ge=1, le=MAX_SHUFFLE_BUFFER)  # samples: an epoch is shuffled in windows of it
     mean: tuple[float, float, float] | None = None  # default: the model's pretrained_cfg
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None  # default: the model's
     crop_pct: float | None = Field(None, gt=0.0, le=1.0)  # evaluation centre crop; default: the model's
@@ -177,10 +177,36 @@ class MlflowSettings(_Section):
 
 
 class ScalingSettings(_Section):
-    num_workers: int = Field(2, ge=1, le=MAX_NUM_WORKERS)
+    # A count, or [min, max]: Ray Train's elastic training runs on as many as the cluster holds
+    # (restarting the group when that changes); the lr follows the global batch (docs/design/training.md).
+    num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False  # NCCL between GPU workers, gloo between CPU workers
     resources_per_worker: dict[str, Annotated[float, Field(ge=0.0)]] | None = None  # default {"CPU": 1}
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _count_or_bounds(cls, value: Any) -> int | tuple[int, int]:
+        counts = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(counts) not in (1, 2) or not all(isinstance(n, int) and not isinstance(n, bool) for n in counts):
+            raise ValueError(f"expected a number of workers or [min, max], got {value!r}")
+        if not all(1 <= n <= MAX_NUM_WORKERS for n in counts) or counts[0] > counts[-1]:
+            raise ValueError(f"expected 1 <= min <= max <= {MAX_NUM_WORKERS}, got {value!r}")
+        return tuple(counts) if isinstance(value, (list, tuple)) else value
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    def describe(self) -> str:
+        """`2 workers`, or `1 to 4 workers (elastic)`."""
+        if self.min_workers == self.max_workers:
+            return f"{self.max_workers} workers"
+        return f"{self.min_workers} to {self.max_workers} workers (elastic)"
 
 
 class TrainConfig(_Section):
@@ -210,10 +236,12 @@ class TrainConfig(_Section):
 
     @property
     def global_batch_size(self) -> int:
-        return self.data.batch_size * self.scaling.num_workers * self.optim.accumulation_steps
+        """Images per optimizer step on the most workers the run may have."""
+        return self.data.batch_size * self.scaling.max_workers * self.optim.accumulation_steps
 
     @property
     def peak_lr(self) -> float:
+        """The peak lr at `global_batch_size`; with fewer workers it is scaled as their global batch."""
         return self.optim.lr * self.global_batch_size / LR_REFERENCE_BATCH
 
 

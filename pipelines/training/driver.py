@@ -42,7 +42,7 @@ def run_training(config: TrainConfig) -> None:
         print(how_it_starts, flush=True)
         if initial_weights:
             print(initial_weights.describe(), flush=True)
-        print(f"{config.scaling.num_workers} workers, global batch {config.global_batch_size}, "
+        print(f"{config.scaling.describe()}, global batch {config.global_batch_size}, "
               f"peak lr {config.peak_lr:.2e}, {config.schedule.epochs} epochs", flush=True)
         result = fit(config, storage, initial_weights=initial_weights)
     report(result, storage.run_url(config.name))
@@ -56,15 +56,16 @@ def check_dataset(config: TrainConfig) -> None:
             raise UserError(f"{field}: {config.data.url} has no samples in split {split!r} "
                             f"(it has: {', '.join(dataset.splits)})")
     train_samples = dataset.num_samples(config.data.train_split)
-    if steps_per_epoch(train_samples, config.scaling.num_workers, config.data.batch_size) == 0:
+    if steps_per_epoch(train_samples, config.scaling.max_workers, config.data.batch_size) == 0:
         raise UserError(f"data.batch_size: {train_samples} training samples do not fill one batch of "
-                        f"{config.data.batch_size} on each of {config.scaling.num_workers} workers")
+                        f"{config.data.batch_size} on each of {config.scaling.max_workers} workers")
 
 
 def check_resources(config: TrainConfig) -> None:
-    """The cluster can hold the run's workers (Ray would wait for them forever)."""
-    require_resources(scaling_config(config).total_resources, cluster_capacity(),
-                      f"run {config.name} ({config.scaling.num_workers} workers)",
+    """The cluster can hold the run's workers, at least the minimum of an elastic run (Ray would wait
+    for them forever)."""
+    least = scaling_config(config, num_workers=config.scaling.min_workers)
+    require_resources(least.total_resources, cluster_capacity(), f"run {config.name} ({config.scaling.describe()})",
                       "use fewer or smaller workers (scaling.num_workers, scaling.resources_per_worker, "
                       "scaling.use_gpu) or a larger cluster")
 
@@ -117,9 +118,11 @@ def fit(config: TrainConfig, storage: RunStorage, callbacks: Sequence = (),
         raise UserError(f"training run {config.name} failed: {cause}") from None
 
 
-def scaling_config(config: TrainConfig):
-    """Ray Train's ScalingConfig of the run (its `total_resources` is what the workers occupy)."""
-    return ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+def scaling_config(config: TrainConfig, num_workers: int | tuple[int, int] | None = None):
+    """Ray Train's ScalingConfig of the run, or of `num_workers` of its workers (its `total_resources`
+    is what the workers occupy; for an elastic run, the most workers)."""
+    return ray.train.ScalingConfig(num_workers=num_workers or config.scaling.num_workers,
+                                   use_gpu=config.scaling.use_gpu,
                                    resources_per_worker=config.scaling.resources_per_worker,
                                    placement_strategy=config.scaling.placement_strategy)
 

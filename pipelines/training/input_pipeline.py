@@ -1,8 +1,9 @@
 """The input pipeline of one training worker: a prepared dataset's shards streamed with webdataset,
-read as the `sharding` plan assigns them to this rank and its DataLoader workers, decoded and
-transformed with PIL, shuffled and batched as uint8 tensors; bad samples skipped (and counted) or
-fatal, as configured; an epoch resumed at any batch exactly as it would have gone on
-(docs/design/training.md).
+read as the `sharding` plan assigns them to this rank and its DataLoader workers (training: blocks
+of the epoch's order, put in order within their shuffle windows), decoded and transformed with PIL,
+each sample's augmentation seeded by its place in the epoch, batched as uint8 tensors; bad samples
+skipped (and counted) or fatal, as configured; an epoch resumed at any batch exactly as it would
+have gone on (docs/design/training.md).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import itertools
 import logging
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
@@ -22,13 +23,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.dataset import BadSample, OnBadSample, PreparedDataset, decode_sample, shard_name_of
 from infra.errors import UserError
-from pipelines.training.sharding import ShardRange, eval_plan, train_plan
+from pipelines.training.sharding import (Blocks, EpochOrder, EpochPlan, ShardRange, batch_order, block_count,
+                                         blocks_after, eval_plan)
 
 logger = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image, random.Random], torch.Tensor]
-SHUFFLE_INITIAL = 100  # samples buffered before the first is yielded
-DESCRIBED_RANGES = 12  # shard ranges that `PlannedStream.describe_ranges` lists by name
+Keyed = Iterator[tuple[str, dict]]  # raw samples, each with the seed of its augmentation
 
 
 @dataclass(frozen=True)
@@ -59,62 +60,117 @@ class ReaderLayout:
     pin_memory: bool = False
 
 
-class PlannedStream(IterableDataset):
-    """The batches of one rank: each DataLoader worker reads its slot of the plan. With full
-    batches only (training), skipped samples are replaced by repeats; `skipped` holds each slot's
-    count, in shared memory so that the DataLoader's worker processes can write it."""
+class EpochStream(IterableDataset):
+    """The training batches of one rank: each DataLoader worker reads its slot's blocks of the epoch's
+    order, from batch `start_batch` of the rank on (a resumed epoch). Skipped samples are replaced by
+    repeats, so that every batch is full; `skipped` holds each slot's count, in shared memory so that
+    the DataLoader's worker processes can write it."""
 
-    def __init__(self, urls: list[str], slots: list[list[ShardRange]], transform: Transform, batch_size: int,
-                 shuffle_buffer: int, seed: str, partial_batches: bool, *, num_classes: int,
-                 on_bad_sample: OnBadSample, start_batch: int = 0):
+    def __init__(self, urls: list[str], order: EpochOrder, slots: list[Blocks], transform: Transform, *,
+                 num_classes: int, on_bad_sample: OnBadSample, start_batch: int = 0):
         super().__init__()
-        self.urls, self.slots, self.transform = urls, slots, transform
-        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
-        self.partial_batches = partial_batches
+        self.urls, self.order, self.slots, self.transform = urls, order, slots, transform
         self.num_classes, self.on_bad_sample = num_classes, on_bad_sample
         self.skipped = torch.zeros(len(slots), dtype=torch.int64).share_memory_()
-        self.start_batch = start_batch  # batches of the epoch already trained on (a resumed epoch)
+        self.start_batch = start_batch
 
     def slot_batches(self) -> list[int]:
-        """The full batches each slot yields (training plans hold whole batches only)."""
-        return [sum(piece.samples for piece in slot) // self.batch_size for slot in self.slots]
+        return [block_count(slot) for slot in self.slots]
 
     def describe_ranges(self) -> str:
-        """What this rank reads, e.g. `704 samples from 5 shards: train-000003.tar[96:170] ...`."""
-        ranges = [piece for slot in self.slots for piece in slot]
-        names = [f"{shard_name_of(self.urls[piece.shard])}[{piece.start}:{piece.stop}]"
-                 for piece in ranges[:DESCRIBED_RANGES]]
-        more = f" and {len(ranges) - DESCRIBED_RANGES} more ranges" if len(ranges) > DESCRIBED_RANGES else ""
-        return (f"{sum(piece.samples for piece in ranges)} samples from "
-                f"{len({piece.shard for piece in ranges})} shards: {' '.join(names)}{more}")
+        """What this rank reads, e.g. `480 samples in 60 batches: blocks 0-29 60-89 of 240`."""
+        runs = " ".join(f"{start}-{stop - 1}" for slot in self.slots for start, stop in slot)
+        batches = sum(self.slot_batches())
+        return f"{batches * self.order.batch_size} samples in {batches} batches: blocks {runs} of {self.order.blocks}"
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = get_worker_info().id if get_worker_info() else 0
-        rng = random.Random(f"{self.seed}:{worker}")
-        planned = sum(piece.samples for piece in self.slots[worker])
-        done = batch_order(self.slot_batches())[:self.start_batch].count(worker) if self.start_batch else 0
-        stages = [
-            partial(read_ranges, self.urls, self.slots[worker], self.on_bad_sample),
-            wds.shuffle(self.shuffle_buffer, initial=min(SHUFFLE_INITIAL, self.shuffle_buffer), rng=rng)
-            if self.shuffle_buffer > 1 else None,
+        slot = self.slots[worker]
+        done = batch_order(self.slot_batches())[:self.start_batch].count(worker)
+        blocks = blocks_after(slot, done)
+        planned = block_count(blocks) * self.order.batch_size
+        rng = random.Random(f"refill:{self.order.seed}:{self.order.epoch}:{blocks[:1]}")
+        return iter(wds.DataPipeline(
+            partial(read_blocks, self.urls, self.order, blocks, self.on_bad_sample),
             partial(decode_counted, self.num_classes, self.on_bad_sample, planned, self.skipped[worker:worker + 1]),
-            None if self.partial_batches else partial(refill, planned, self.batch_size, rng),
-            partial(augment, self.transform, rng, done * self.batch_size),
-            wds.batched(self.batch_size, collation_fn=collate, partial=self.partial_batches),
-        ]
-        return iter(wds.DataPipeline(*stages))
+            partial(refill, planned, self.order.batch_size, rng),
+            partial(augment, self.transform),
+            wds.batched(self.order.batch_size, collation_fn=collate, partial=False),
+        ))
 
 
-def read_ranges(urls: list[str], ranges: list[ShardRange], on_bad_sample: OnBadSample) -> Iterator[dict]:
-    """Raw webdataset samples of each range, in order (a shard is read from its start). A shard that
-    breaks off (truncated, corrupt tar) is a bad sample for the rest of the range."""
+class EvalStream(IterableDataset):
+    """The evaluation batches of one rank: each DataLoader worker reads its slot of the plan, in order
+    (the last batch may be short); `skipped` as in `EpochStream`."""
+
+    def __init__(self, urls: list[str], slots: list[list[ShardRange]], transform: Transform, batch_size: int, *,
+                 num_classes: int, on_bad_sample: OnBadSample):
+        super().__init__()
+        self.urls, self.slots, self.transform, self.batch_size = urls, slots, transform, batch_size
+        self.num_classes, self.on_bad_sample = num_classes, on_bad_sample
+        self.skipped = torch.zeros(len(slots), dtype=torch.int64).share_memory_()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker = get_worker_info().id if get_worker_info() else 0
+        planned = sum(piece.samples for piece in self.slots[worker])
+        return iter(wds.DataPipeline(
+            partial(_unseeded, read_ranges(self.urls, self.slots[worker], self.on_bad_sample)),
+            partial(decode_counted, self.num_classes, self.on_bad_sample, planned, self.skipped[worker:worker + 1]),
+            partial(augment, self.transform),
+            wds.batched(self.batch_size, collation_fn=collate, partial=True),
+        ))
+
+
+def _unseeded(samples: Iterator[tuple[int, dict]]) -> Keyed:
+    return (("", sample) for _, sample in samples)
+
+
+def read_blocks(urls: list[str], order: EpochOrder, blocks: Blocks, on_bad_sample: OnBadSample) -> Keyed:
+    """The samples of `blocks` in the epoch's order, each with its augmentation seed. Each run of blocks
+    streams the shard ranges of the windows it touches once, holding the samples of one window that
+    it needs until the window is complete."""
+    window_samples, batch = order.window_samples, order.batch_size
+    for start, stop in blocks:
+        first, last = start * batch, stop * batch  # epoch indices this run yields
+        windows = range(first // window_samples, (last - 1) // window_samples + 1)
+        span_start = windows[0] * window_samples
+        span_stop = min((windows[-1] + 1) * window_samples, order.total)
+        wanted: dict[int, int] = {}  # source position -> epoch index, for the window being read
+        held: dict[int, dict] = {}  # epoch index -> sample
+        window = None
+        ranges = order.source_ranges(span_start, span_stop)
+        for offset, sample in read_ranges(urls, ranges, on_bad_sample):
+            position = span_start + offset
+            if position // window_samples != window:
+                yield from _in_order(held, order)
+                window = position // window_samples
+                base = window * window_samples
+                wanted = {base + source: base + index for index, source in enumerate(order.window_permutation(window))
+                          if first <= base + index < last}
+            if position in wanted:
+                held[wanted[position]] = sample
+        yield from _in_order(held, order)
+
+
+def _in_order(held: dict[int, dict], order: EpochOrder) -> Keyed:
+    for index in sorted(held):
+        yield order.sample_seed(index), held[index]
+    held.clear()
+
+
+def read_ranges(urls: list[str], ranges: list[ShardRange], on_bad_sample: OnBadSample) -> Iterator[tuple[int, dict]]:
+    """Raw webdataset samples of each range, in order (a shard is read from its start), with their
+    offset in the ranges' sequence. A shard that breaks off (truncated, corrupt tar) is a bad sample
+    for the rest of the range."""
+    offset = 0
     for piece in ranges:
         failures: list[Exception] = []  # webdataset's handler: record the error, stop this shard
         samples = wds.tarfile_samples([{"url": urls[piece.shard]}], handler=failures.append)
         read = 0
         for sample in itertools.islice(samples, piece.start, piece.stop):
+            yield offset + read, sample
             read += 1
-            yield sample
+        offset += piece.samples
         samples.close()
         if failures and isinstance(failures[0], UserError):  # the endpoint failed, not the shard
             raise failures[0]
@@ -131,18 +187,18 @@ def _describe(error: Exception) -> str:
 
 
 def decode_counted(num_classes: int, on_bad_sample: OnBadSample, planned: int, skipped: torch.Tensor,
-                   samples: Iterator[dict]) -> Iterator[tuple[Image.Image, int]]:
-    """Decoded (image, label) pairs; bad ones skipped or raised. Once the stream ends, `skipped[0]`
+                   samples: Keyed) -> Iterator[tuple[str, Image.Image, int]]:
+    """Decoded (seed, image, label); bad ones skipped or raised. Once the stream ends, `skipped[0]`
     holds the planned samples that did not come out."""
     decoded = 0
-    for sample in samples:
+    for seed, sample in samples:
         try:
-            pair = decode_sample(sample, num_classes)
+            image, label = decode_sample(sample, num_classes)
         except BadSample as problem:
             bad_sample(problem, on_bad_sample)
             continue
         decoded += 1
-        yield pair
+        yield seed, image, label
     skipped[0] = planned - decoded
 
 
@@ -153,40 +209,26 @@ def bad_sample(problem: BadSample, on_bad_sample: OnBadSample) -> None:
 
 
 def refill(planned: int, batch_size: int, rng: random.Random,
-           samples: Iterator[tuple[Image.Image, int]]) -> Iterator[tuple[Image.Image, int]]:
-    """`samples`, then as many repeats of recent ones (re-augmented downstream) as were skipped."""
-    recent: deque[tuple[Image.Image, int]] = deque(maxlen=batch_size)
+           samples: Iterator[tuple[str, Image.Image, int]]) -> Iterator[tuple[str, Image.Image, int]]:
+    """`samples`, then as many repeats of recent ones (augmented with seeds of their own) as were skipped."""
+    recent: deque[tuple[str, Image.Image, int]] = deque(maxlen=batch_size)
     count = 0
-    for pair in samples:
-        recent.append(pair)
+    for sample in samples:
+        recent.append(sample)
         count += 1
-        yield pair
+        yield sample
     if count < planned and not recent:
         raise BadSample(f"none of the {planned} samples planned for this loader could be used")
-    for _ in range(planned - count):
-        yield rng.choice(recent)
+    for repeat in range(planned - count):
+        seed, image, label = rng.choice(recent)
+        yield f"{seed}:repeat:{repeat}", image, label
 
 
-def augment(transform: Transform, rng: random.Random, skip: int,
-            samples: Iterator[tuple[Image.Image, int]]) -> Iterator[tuple[torch.Tensor, int]]:
-    """Each sample transformed with a generator of its own (one draw of `rng`); the first `skip` are
-    left out untransformed, their draws made, so that the rest come out as in an uninterrupted epoch."""
-    for index, (image, label) in enumerate(samples):
-        sample_rng = random.Random(rng.getrandbits(64))
-        if index >= skip:
-            yield transform(image, sample_rng), label
-
-
-def batch_order(slot_batches: Sequence[int]) -> list[int]:
-    """The slot (DataLoader worker) of each batch of an epoch, in the order a DataLoader delivers
-    them: round-robin from worker 0, workers that have finished left out."""
-    order, left = [], list(slot_batches)
-    while any(left):
-        for slot, count in enumerate(left):
-            if count:
-                order.append(slot)
-                left[slot] -= 1
-    return order
+def augment(transform: Transform,
+            samples: Iterator[tuple[str, Image.Image, int]]) -> Iterator[tuple[torch.Tensor, int]]:
+    """Each sample transformed with a generator seeded by its own seed."""
+    for seed, image, label in samples:
+        yield transform(image, random.Random(seed)), label
 
 
 def epoch_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -221,27 +263,27 @@ def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torc
 
 def train_loader(shards: SplitShards, layout: ReaderLayout, transform: Transform, batch_size: int,
                  shuffle_buffer: int, seed: int, epoch: int, on_bad_sample: OnBadSample = "skip",
-                 start_batch: int = 0) -> DataLoader:
-    """This rank's training batches for `epoch`: exactly as many full batches on every rank; from
-    batch `start_batch` on when the epoch resumes (read them with `epoch_batches`)."""
-    plan = train_plan(shards.samples, layout.world_size, layout.loader_workers, batch_size, seed, epoch)
-    stream = PlannedStream(shards.urls, plan[layout.rank], transform, batch_size, shuffle_buffer,
-                           f"train:{seed}:{epoch}:{layout.rank}", partial_batches=False,
-                           num_classes=shards.num_classes, on_bad_sample=on_bad_sample, start_batch=start_batch)
-    return _loader(stream, layout)
+                 plan: EpochPlan | None = None, start_batch: int = 0) -> DataLoader:
+    """This rank's training batches of `epoch`: exactly as many full batches on every rank, as `plan`
+    says (default: the whole epoch for `layout`); from batch `start_batch` of the plan on when the
+    epoch resumes with it (read them with `epoch_batches`)."""
+    order = EpochOrder.of(shards.samples, batch_size, shuffle_buffer, seed, epoch)
+    plan = plan or EpochPlan.whole_epoch(order.blocks, layout.world_size, layout.loader_workers)
+    stream = EpochStream(shards.urls, order, plan.slots()[layout.rank], transform, num_classes=shards.num_classes,
+                         on_bad_sample=on_bad_sample, start_batch=start_batch)
+    return _loader(stream, replace(layout, loader_workers=plan.loader_workers))
 
 
 def eval_loader(shards: SplitShards, layout: ReaderLayout, transform: Transform, batch_size: int,
                 on_bad_sample: OnBadSample = "skip") -> DataLoader:
     """This rank's part of the split, in order: every usable sample exactly once across ranks."""
     plan = eval_plan(shards.samples, layout.world_size, layout.loader_workers)
-    stream = PlannedStream(shards.urls, plan[layout.rank], transform, batch_size, shuffle_buffer=1,
-                           seed=f"eval:{layout.rank}", partial_batches=True, num_classes=shards.num_classes,
-                           on_bad_sample=on_bad_sample)
+    stream = EvalStream(shards.urls, plan[layout.rank], transform, batch_size, num_classes=shards.num_classes,
+                        on_bad_sample=on_bad_sample)
     return _loader(stream, layout)
 
 
-def _loader(stream: PlannedStream, layout: ReaderLayout) -> DataLoader:
+def _loader(stream: EpochStream | EvalStream, layout: ReaderLayout) -> DataLoader:
     # its own generator: starting the workers takes no number from torch's, which drop-path draws from
     return DataLoader(stream, batch_size=None, num_workers=layout.loader_workers, pin_memory=layout.pin_memory,
                       generator=torch.Generator())

@@ -1,16 +1,18 @@
 """Optimisation pieces: which parameters train (`freeze`), AdamW's parameter groups (no weight decay
 on 1-D parameters and `no_weight_decay()` names; per-cell learning-rate scales with layer decay),
-the warmup + cosine schedule per optimizer step, and the EMA of the weights (docs/design/training.md).
+the warmup + cosine schedule in epochs (stepped per optimizer step), and the EMA of the weights
+(docs/design/training.md).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+from typing import Callable
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipelines.training.config import HEAD_PREFIX, OptimSettings, ScheduleSettings
@@ -52,20 +54,31 @@ def build_optimizer(model: nn.Module, config: OptimSettings, peak_lr: float) -> 
     return torch.optim.AdamW(groups, lr=peak_lr, betas=config.betas, eps=config.eps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: ScheduleSettings, steps_per_epoch: int) -> LRScheduler:
-    """Stepped once per optimizer step; `steps_per_epoch` counts optimizer steps. One factor scales
-    every group's own peak, so layer-decay scales hold throughout."""
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    cosine_steps = max(total_steps - warmup_steps, 1)
+def build_scheduler(optimizer: torch.optim.Optimizer, config: ScheduleSettings,
+                    position: Callable[[int], float], lr_scale: Callable[[], float] = lambda: 1.0) -> LambdaLR:
+    """Stepped once per optimizer step. `position(step)` is the run's progress in epochs after
+    optimizer step `step` (a fraction within an epoch), so the schedule keeps its shape in epochs
+    whatever the number of workers; `lr_scale()` multiplies every group's peak (the global batch's
+    share of the nominal one). One factor scales every group's own peak, so layer-decay scales hold."""
+    cosine_epochs = max(config.epochs - config.warmup_epochs, 1e-9)
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return config.warmup_start_factor + (1 - config.warmup_start_factor) * step / warmup_steps
-        progress = min(step - warmup_steps, cosine_steps) / cosine_steps
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+        epochs = position(step)
+        if epochs < config.warmup_epochs:
+            shape = config.warmup_start_factor + (1 - config.warmup_start_factor) * epochs / config.warmup_epochs
+        else:
+            progress = min(epochs - config.warmup_epochs, cosine_epochs) / cosine_epochs
+            shape = config.min_lr_ratio + (1 - config.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+        return shape * lr_scale()
 
     return LambdaLR(optimizer, factor)
+
+
+def refresh_lr(scheduler: LambdaLR) -> None:
+    """Set every group's learning rate to the schedule's value now (after a restore, whose lr was
+    computed for the worker count and position of then)."""
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
 
 
 def peak_group_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -33,8 +33,10 @@ class TrainProgress:
     step: int = 0  # optimizer steps taken
     mlflow_run_id: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)  # metrics of each completed epoch
-    epoch_batches: int = 0  # batches of epoch `epoch` already trained on (a mid-epoch checkpoint's position)
-    epoch_loader_workers: int | None = None  # the DataLoader workers epoch `epoch` was planned for
+    # Epoch `epoch` under way: the plan it is read with (`EpochPlan.state`) and the batches of it
+    # already trained on (a mid-epoch checkpoint's position); None and 0 between epochs.
+    epoch_plan: dict[str, Any] | None = None
+    epoch_batches: int = 0
     resumes: list[dict[str, int]] = field(default_factory=list)  # where each restart went on: epoch, batch, step
 
     def state_dict(self) -> dict[str, Any]:
@@ -46,7 +48,7 @@ class TrainProgress:
 
     def complete_epoch(self, metrics: dict[str, float]) -> None:
         self.epoch += 1
-        self.epoch_batches = 0
+        self.epoch_plan, self.epoch_batches = None, 0
         self.history.append(dict(metrics))
 
     def resumed(self) -> None:
@@ -111,12 +113,14 @@ class CheckpointCadence:
 
 class Checkpointer:
     """Saves rank 0's `states` and the config once, and each rank's `rank_states`, into checkpoints
-    that Ray Train uploads (`upload`: "async" in the background, "sync" before `report` returns)."""
+    that Ray Train uploads (`upload`: "async" in the background, "sync" before `report` returns).
+    Restored by a group of another size, a rank state with `merge_state_dicts` is given every saved
+    rank's state on rank 0 (and none elsewhere); the others are restored from the same rank's, if any."""
 
     def __init__(self, states: Mapping[str, Stateful], rank_states: Mapping[str, Stateful], rank: int,
-                 config_json: str, upload: Literal["async", "sync"] = "async"):
+                 config_json: str, upload: Literal["async", "sync"] = "async", world_size: int = 1):
         self.states, self.rank_states, self.rank, self.config_json = states, rank_states, rank, config_json
-        self.upload = upload
+        self.upload, self.world_size = upload, world_size
 
     def save(self, directory: Path) -> None:
         if self.rank == 0:
@@ -129,11 +133,16 @@ class Checkpointer:
         saved = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=False)
         for name, state in self.states.items():
             state.load_state_dict(saved[name])
-        rank_path = directory / _rank_name(self.rank)
-        if rank_path.exists():  # not when the run resumes on more workers than it had
-            saved = torch.load(rank_path, weights_only=False)
-            for name, state in self.rank_states.items():
-                state.load_state_dict(saved[name])
+        saved_ranks = sorted(directory.glob(_rank_name("*")))
+        resized = len(saved_ranks) != self.world_size
+        own = directory / _rank_name(self.rank)
+        mine = torch.load(own, weights_only=False) if own.exists() else None  # none for a rank the run had not
+        every = [torch.load(path, weights_only=False) for path in saved_ranks] if resized and self.rank == 0 else []
+        for name, state in self.rank_states.items():
+            if resized and hasattr(state, "merge_state_dicts"):
+                state.merge_state_dicts([saved[name] for saved in every])
+            elif mine is not None:
+                state.load_state_dict(mine[name])
 
     def report(self, metrics: dict[str, float]) -> None:
         """`ray.train.report` with a checkpoint of now (every rank calls it: it is a barrier)."""
@@ -169,5 +178,5 @@ def read_checkpoint_config(checkpoint) -> dict[str, Any]:
         return json.loads(stream.read())
 
 
-def _rank_name(rank: int) -> str:
+def _rank_name(rank: int | str) -> str:
     return f"rank{rank}.pt"

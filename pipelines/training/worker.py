@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -33,9 +32,10 @@ from pipelines.training.input_pipeline import (ReaderLayout, SplitShards, epoch_
 from pipelines.training.mixing import Mixing
 from pipelines.model_packaging import ClassifierInfo
 from pipelines.training.initial_weights import InitialWeights
-from pipelines.training.optim import build_ema, build_optimizer, build_scheduler, copy_buffers, freeze, peak_group_lr
+from pipelines.training.optim import (build_ema, build_optimizer, build_scheduler, copy_buffers, freeze, peak_group_lr,
+                                      refresh_lr)
 from pipelines.training.ray_logging import quiet_worker
-from pipelines.training.sharding import steps_per_epoch
+from pipelines.training.sharding import EpochPlan, block_count, steps_per_epoch
 from pipelines.training.step_timing import PhaseTimer
 from pipelines.tracking.training_run import TrainingRun
 from pipelines.training.config import TrainConfig, flatten, to_yaml
@@ -67,7 +67,8 @@ class DataSetup:
     eval_transform: EvalTransform
     to_model_input: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch on the device -> normalised input
     info: ClassifierInfo
-    steps_per_epoch: int  # micro-steps per rank
+    steps_per_epoch: int  # micro-steps per rank in a whole epoch read by this group
+    epoch_blocks: int  # batch-sized blocks of an epoch, whoever reads them
 
 
 @dataclass
@@ -110,6 +111,15 @@ class EpochStats:
     def reset(self) -> None:
         self.load_state_dict(asdict(EpochStats()))
 
+    def merge_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """The statistics of a group of another size (every saved rank's on rank 0, none elsewhere):
+        their sums (steps and checkpoints: the most)."""
+        self.reset()
+        for state in states:
+            for key, value in state.items():
+                combined = max if key in ("steps", "checkpoints") else (lambda mine, theirs: mine + theirs)
+                setattr(self, key, combined(getattr(self, key), value))
+
     def all_reduced(self, device: torch.device) -> EpochStats:
         """Sums over ranks (steps: the most any rank ran)."""
         if not dist.is_initialized():
@@ -137,7 +147,7 @@ def train_worker(loop_config: dict) -> dict[str, str | None]:
     if initial is not None:
         initial.load_into(model)
     data = build_data(config, env, dataset, model.pretrained_cfg)
-    training = build_training(config, env, model, data.steps_per_epoch)
+    training = build_training(config, env, model, data.epoch_blocks)
     tracker = attach_tracker(config, data, training.progress, initial) if env.rank == 0 else None
     try:
         for epoch in range(training.progress.epoch, config.schedule.epochs):
@@ -190,12 +200,13 @@ def build_data(config: TrainConfig, env: WorkerEnv, dataset: PreparedDataset, pr
         info=ClassifierInfo(config.model.name, dataset.class_names, img_size, tuple(mean), tuple(std), crop_pct,
                             spec.interpolation),
         steps_per_epoch=steps_per_epoch(train.total, env.world_size, spec.batch_size),
+        epoch_blocks=train.total // spec.batch_size,
     )
 
 
-def build_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_steps: int) -> Training:
+def build_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, epoch_blocks: int) -> Training:
     """Optimisation state, restored from the latest checkpoint if any, then the DDP wrapper."""
-    training = fresh_training(config, env, model, micro_steps)
+    training = fresh_training(config, env, model, epoch_blocks)
     progress = training.progress
     if training.checkpointer.restore_latest():
         progress.resumed()
@@ -210,14 +221,16 @@ def build_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
     return training
 
 
-def fresh_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_steps: int) -> Training:
-    """Optimisation state from scratch, without Ray (`wrapped` is the model itself)."""
+def fresh_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, epoch_blocks: int) -> Training:
+    """Optimisation state from scratch, without Ray (`wrapped` is the model itself). The lr schedule
+    follows the epochs read (`epochs_read`); its peak, the global batch of this group's size."""
     torch.manual_seed(config.seed + env.rank + 1)  # distinct drop-path masks per rank
     random.seed(f"{config.seed}:{env.rank}")
     ema = build_ema(model, config.optim.ema_decay)
     optimizer = build_optimizer(model, config.optim, config.peak_lr)
-    scheduler = build_scheduler(optimizer, config.schedule, math.ceil(micro_steps / config.optim.accumulation_steps))
     progress, epoch_stats = TrainProgress(), EpochStats()
+    scheduler = build_scheduler(optimizer, config.schedule, lambda _: epochs_read(progress, epoch_blocks),
+                                lambda: env.world_size / config.scaling.max_workers)
     mixing_rng = random.Random(f"mixing:{config.seed}:{env.rank}")
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
               **({"ema": ema} if ema else {})}
@@ -231,7 +244,7 @@ def fresh_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
         scheduler=scheduler,
         progress=progress,
         checkpointer=Checkpointer(states, {"rng": RngState(mixing_rng), "epoch_stats": epoch_stats}, env.rank,
-                                  config.model_dump_json(indent=2), config.checkpoint.upload),
+                                  config.model_dump_json(indent=2), config.checkpoint.upload, env.world_size),
         cadence=CheckpointCadence(config.checkpoint.every_steps, config.checkpoint.every_minutes),
         epoch_stats=epoch_stats,
         mixing=Mixing(model.num_classes, augment.mixup_alpha, augment.cutmix_alpha,
@@ -240,6 +253,14 @@ def fresh_training(config: TrainConfig, env: WorkerEnv, model: nn.Module, micro_
         criterion=nn.CrossEntropyLoss(label_smoothing=augment.label_smoothing),
         autocast=lambda: torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16),
     )
+
+
+def epochs_read(progress: TrainProgress, epoch_blocks: int) -> float:
+    """The run's progress in epochs: those completed and the part of the one under way read so far."""
+    if progress.epoch_plan is None:
+        return float(progress.epoch)
+    plan = EpochPlan.from_state(progress.epoch_plan)
+    return progress.epoch + plan.blocks_read(progress.epoch_batches) / epoch_blocks
 
 
 def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress,
@@ -258,7 +279,8 @@ def attach_tracker(config: TrainConfig, data: DataSetup, progress: TrainProgress
 def run_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Training,
               tracker: TrainingRun | None, epoch: int) -> None:
     start = time.perf_counter()
-    loader = epoch_loader(config, data, training.progress, epoch)
+    loader = epoch_loader(config, env, data, training, epoch)
+    refresh_lr(training.scheduler)  # the schedule's lr now, for this group's size
     log_placement(config, env, epoch, loader.dataset.describe_ranges())
     stats = train_epoch(config, env, data, training, loader).all_reduced(env.device)
     skipped = summed_over_ranks(skipped_samples(loader), env.device)
@@ -275,14 +297,35 @@ def run_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Tr
     training.cadence.done()
 
 
-def epoch_loader(config: TrainConfig, data: DataSetup, progress: TrainProgress, epoch: int) -> DataLoader:
-    """This rank's batches of `epoch`; a resumed epoch goes on where its checkpoint was taken, with
-    the DataLoader workers it was planned for (`data.loader_workers` applies from the next epoch)."""
-    if not progress.epoch_batches:
-        progress.epoch_loader_workers = config.data.loader_workers
-    layout = replace(data.layout, loader_workers=progress.epoch_loader_workers)
-    return train_loader(data.train, layout, data.train_transform, config.data.batch_size, config.data.shuffle_buffer,
-                        config.seed, epoch, config.data.on_bad_sample, start_batch=progress.epoch_batches)
+def epoch_loader(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: Training, epoch: int) -> DataLoader:
+    """This rank's batches of `epoch`, as `epoch_plan` says, from where its checkpoint was taken (a new
+    epoch starts its statistics afresh; a resumed one has them restored)."""
+    progress = training.progress
+    if progress.epoch_plan is None:
+        training.epoch_stats.reset()
+    plan = epoch_plan(config, env, data, progress)
+    progress.epoch_plan = plan.state()
+    return train_loader(data.train, data.layout, data.train_transform, config.data.batch_size,
+                        config.data.shuffle_buffer, config.seed, epoch, config.data.on_bad_sample, plan=plan,
+                        start_batch=progress.epoch_batches)
+
+
+def epoch_plan(config: TrainConfig, env: WorkerEnv, data: DataSetup, progress: TrainProgress) -> EpochPlan:
+    """How the epoch under way is read. A new epoch: all of it, by this group. A resumed one: as it
+    was planned, if this group has as many workers (then it goes on exactly as it would have, with
+    the DataLoader workers it had: `data.loader_workers` applies from the next epoch); else the
+    blocks it has left, planned afresh for this group, each read once."""
+    if progress.epoch_plan is None:
+        return EpochPlan.whole_epoch(data.epoch_blocks, env.world_size, config.data.loader_workers)
+    plan = EpochPlan.from_state(progress.epoch_plan)
+    if plan.world_size == env.world_size:
+        return plan
+    replanned = plan.replanned(progress.epoch_batches, env.world_size, config.data.loader_workers)
+    if env.rank == 0:
+        logger.info(f"epoch {progress.epoch + 1} goes on with {env.world_size} workers instead of {plan.world_size}: "
+                    f"its {block_count(replanned.remaining)} blocks left of {data.epoch_blocks} planned afresh")
+    progress.epoch_batches = 0
+    return replanned
 
 
 def log_placement(config: TrainConfig, env: WorkerEnv, epoch: int, reading: str) -> None:
@@ -304,9 +347,8 @@ def train_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: 
     """The epoch's steps from `loader`'s first batch (where a resumed epoch goes on), checkpointing
     within the epoch when due; returns this rank's statistics of the whole epoch."""
     progress, stats, first = training.progress, training.epoch_stats, loader.dataset.start_batch
-    if not first:
-        stats.reset()
-    steps, accumulation = data.steps_per_epoch, config.optim.accumulation_steps
+    steps, accumulation = sum(loader.dataset.slot_batches()), config.optim.accumulation_steps
+    expected_steps = stats.steps + steps - first
     training.wrapped.train()
     clock = EpochClock(stats, PhaseTimer(env.device))
     for index, (images, labels) in enumerate(_timed(epoch_batches(loader), stats), start=first):
@@ -320,13 +362,13 @@ def train_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: 
             clock.phases.lap("forward")
             (loss / group_size).backward()
         clock.phases.lap("backward")
+        progress.epoch_batches = index + 1  # before the schedule steps: it follows the epochs read
         if ends_group:
             optimizer_step(training, config.optim.grad_clip_norm)
             clock.phases.lap("optimizer")
         stats.loss_sum += loss.item() * len(labels)
         stats.samples += len(labels)
         stats.steps += 1
-        progress.epoch_batches = index + 1
         reason = training.cadence.due(progress.step, env.device) if ends_group and index + 1 < steps else None
         if reason:
             if env.rank == 0 and reason.startswith("preemption"):
@@ -339,8 +381,9 @@ def train_epoch(config: TrainConfig, env: WorkerEnv, data: DataSetup, training: 
             training.cadence.done()
             stats.checkpoint_s += time.perf_counter() - started
     clock.record()
-    if stats.steps != steps:
-        raise RuntimeError(f"rank {env.rank} ran {stats.steps} steps, expected {steps}: the shard plan is broken")
+    if stats.steps != expected_steps:
+        raise RuntimeError(f"rank {env.rank} ran {stats.steps} steps, expected {expected_steps}: "
+                           "the shard plan is broken")
     return replace(stats)
 
 
@@ -404,6 +447,7 @@ def epoch_metrics(epoch: int, env: WorkerEnv, training: Training, stats: EpochSt
         "lr": peak_group_lr(training.optimizer),
         "train_loss": stats.loss_sum / max(stats.samples, 1),
         "train_steps": stats.steps,
+        "train_samples": stats.samples,  # every rank's, in the whole epoch
         "images_per_s": stats.samples * env.world_size / elapsed_sum,
         "data_wait_frac": stats.data_wait_s / elapsed_sum,
         "data_wait_ms": stats.data_wait_s * ms_per_step,

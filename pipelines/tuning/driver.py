@@ -152,7 +152,7 @@ def describe_sweep(sweep: Sweep) -> str:
     stopping = (f"ASHA on val_top1 (max_t {sweep.max_t} epochs, grace {config.asha.grace_period}, "
                 f"reduction {config.asha.reduction_factor:g})" if config.asha.enabled else "no early stopping")
     return (f"sweep {sweep.name}: {config.search.num_samples} trials, {config.search.algorithm} search over "
-            f"{', '.join(config.search.space)}; {stopping}; {sweep.base.scaling.num_workers} workers per trial")
+            f"{', '.join(config.search.space)}; {stopping}; {sweep.base.scaling.describe()} per trial")
 
 
 def attach_sweep_run(sweep: Sweep, concurrency: Concurrency, resume: bool) -> SweepRun:

@@ -14,6 +14,10 @@ the epoch; once that checkpoint is registered the node is killed (its whole proc
 as the reclaim would), and a new worker node joins a few seconds later. STRICT_SPREAD cannot place
 two workers on one node, so Ray Train's restart of the worker group waits for it, then goes on from
 the preemption checkpoint, within the epoch.
+
+Then, on the same cluster, an elastic run (`scaling.num_workers: [1, 2]`, a worker taking a node's
+CPUs) starts on both nodes; once it has a checkpoint within its only epoch, the worker node is killed for good. Ray
+Train's elastic training restarts the group on the one node left, which reads the rest of the epoch.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from cluster.ray_head import (
     start_ray_worker_node,
 )
 from infra import object_store
-from data_prep.dataset import PreparedDataset, shard_name_of
+from data_prep.dataset import PreparedDataset
 from pipelines.training.run_storage import RunStorage
 from pipelines.training.sharding import steps_per_epoch
 from pipelines.tracking.runs import RUN_NAME_TAG
@@ -59,6 +63,7 @@ from tests.support.train_helpers import prepare_dataset, ray_job, tiny_config, t
 pytestmark = pytest.mark.timeout(480)
 
 RUN_NAME = "digits-two-nodes"
+ELASTIC_RUN_NAME = "digits-elastic"
 EPOCHS = 3
 BATCH_SIZE = 8  # 90 steps per epoch: time for the preemption notice to arrive within the first
 PREEMPTION_CHECK_STEPS = 5
@@ -70,10 +75,12 @@ REJOIN_AFTER_S = 3
 # Ray prefixes a worker's lines with "(RayTrainWorker pid=N)"; the controller lists each group it starts.
 WORKER_PID = re.compile(r"\(RayTrainWorker pid=(\d+)")
 GROUP_MEMBER = re.compile(r"\(ip=[^,]+, pid=(\d+)\) world_rank=(\d+)")
-READS = re.compile(r"epoch (\d+)/\d+: rank (\d+) on node (\w+) reads (\d+) samples from \d+ shards: (.*)")
-RANGE = re.compile(r"(\S+)\[(\d+):(\d+)\]")
+READS = re.compile(r"epoch (\d+)/\d+: rank (\d+) on node (\w+) reads (\d+) samples in \d+ batches: "
+                   r"blocks (.*) of (\d+)")
+BLOCKS = re.compile(r"(\d+)-(\d+)")
 EPOCH_END = re.compile(r"epoch (\d+)/\d+  train_loss")
 RESTORED = re.compile(r"\(RayTrainWorker pid=(\d+).* restored the checkpoint after epoch (\d+) ")
+REPLANNED = re.compile(r"epoch 1 goes on with 1 workers instead of 2: its (\d+) blocks left of (\d+) planned afresh")
 RESTORED_WITHIN = re.compile(r"restored the checkpoint after epoch \d+ of \d+, batch (\d+) of epoch (\d+) "
                              r"\(step (\d+)\)")
 PREEMPTION_NOTICED = re.compile(r"preemption of node\(s\) (\w+): checkpoint at step (\d+)")
@@ -111,6 +118,29 @@ class JobLogs:
 
 
 @dataclass
+class ElasticRun:
+    """The elastic run on the same cluster: its job's logs and the latest checkpoint when its worker
+    node was killed."""
+
+    submission_id: str
+    logs: list[LogLine]
+    checkpoint_at_kill: dict
+    killed_at: float  # time.monotonic() when the worker node was killed
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line.text for line in self.logs)
+
+
+def mlflow_run_named(experiment: str, run_name: str):
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+    assert len(runs) == 1, [run.info.run_id for run in runs]
+    return runs[0]
+
+
+@dataclass
 class Scenario:
     config_raw: dict
     data_url: str
@@ -124,6 +154,7 @@ class Scenario:
     times: dict[str, float]  # time.monotonic() of each step, from "start"
     preemption_checkpoint: dict  # the metrics of the checkpoint taken on the preemption notice
     checkpoint_at_kill: dict  # the latest when the node was killed: that one, or an epoch's end after it
+    elastic: ElasticRun
 
     @property
     def text(self) -> str:
@@ -141,12 +172,7 @@ class Scenario:
 
     @property
     def mlflow_run(self):
-        client = MlflowClient()
-        experiment = client.get_experiment_by_name(self.config_raw["mlflow"]["experiment"])
-        runs = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`{RUN_NAME_TAG}` = '{RUN_NAME}'")
-        assert len(runs) == 1, [run.info.run_id for run in runs]
-        return runs[0]
+        return mlflow_run_named(self.config_raw["mlflow"]["experiment"], RUN_NAME)
 
 
 def latest_checkpoint_metrics(bucket: str, key: str) -> dict | None:
@@ -197,7 +223,7 @@ def scenario(s3_endpoint, mlflow_server, tmp_path_factory) -> Scenario:
         nodes.append(start_ray_worker_node(nodes[0].gcs_address, ports, CPUS_PER_NODE, WORKER_NODE_RESOURCES,
                                            token, temp_dirs[-1], home / "worker.log"))
 
-    logs = None
+    logs, logs_of_runs = None, []
     try:
         with ThreadPoolExecutor(1) as pool:  # the dataset is written while the cluster starts
             prepared = pool.submit(prepare_dataset, "digits", f"s3://{data_bucket}/digits16", shard_max_samples=170,
@@ -248,9 +274,13 @@ def scenario(s3_endpoint, mlflow_server, tmp_path_factory) -> Scenario:
         cluster_nodes = list_nodes(env)
         worker_node_ids = tuple(node["node_id"] for node in sorted(
             (node for node in cluster_nodes if not node["is_head_node"]), key=lambda node: node["state"] == "ALIVE"))
+        elastic = shrink_an_elastic_run(data_url, storage_url, home, env, nodes, logs_of_runs)
+        times["elastic run finished"] = time.monotonic()
         yield Scenario(raw, data_url, storage_url, temp_dirs, token, submission_id, logs.lines, cluster_nodes,
-                       worker_node_ids, times, preemption_checkpoint, checkpoint_at_kill)
+                       worker_node_ids, times, preemption_checkpoint, checkpoint_at_kill, elastic)
     finally:
+        for other in logs_of_runs:
+            other.stop()
         if logs:
             logs.stop()
             stamped = sorted([*((line.at, line.text) for line in logs.lines),
@@ -260,6 +290,36 @@ def scenario(s3_endpoint, mlflow_server, tmp_path_factory) -> Scenario:
             node.stop()
         for directory in temp_dirs:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def shrink_an_elastic_run(data_url: str, storage_url: str, home: Path, env: dict[str, str], nodes: list[RayNode],
+                          logs_of_runs: list[JobLogs]) -> ElasticRun:
+    """Run `ELASTIC_RUN_NAME` (one epoch, 1 to 2 workers, one per node) on the head and the worker
+    node; kill the worker node once the run has a checkpoint within the epoch; wait for its end."""
+    raw = tiny_config(ELASTIC_RUN_NAME, data_url, storage_url, data={"loader_workers": 0, "batch_size": BATCH_SIZE},
+                      mlflow={"log_model": False}, schedule={"epochs": 1, "warmup_epochs": 0.5},
+                      checkpoint={"max_failures": 3, "every_steps": 5},
+                      # Ray Train counts the workers that fit in the nodes' resources, not in its
+                      # placement strategy: a worker takes a whole node's CPUs, so at most one per node
+                      scaling={"num_workers": [1, WORKERS], "resources_per_worker": {"CPU": CPUS_PER_NODE}})
+    submission_id = f"elastic-{uuid.uuid4().hex[:8]}"
+    # Ray Train's elastic policy counts the nodes in a view refreshed every 20 s: right after the kill it
+    # asks for 2 workers again and waits for them (60 s by default) before it asks for what fits
+    runtime_env = json.dumps({"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}})
+    ray_job("submit", "--no-wait", "--submission-id", submission_id, "--runtime-env-json", runtime_env, "--",
+            *train_entrypoint(write_config(home / "elastic.yaml", raw)), env=env)
+    logs = JobLogs(submission_id, env)
+    logs_of_runs.append(logs)
+    location = object_store.parse_s3_url(storage_url)
+    snapshot = f"{location.key}/{ELASTIC_RUN_NAME}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+    wait_until(lambda: "within_epoch" in (latest_checkpoint_metrics(location.bucket, snapshot) or {}), 240,
+               "a checkpoint of the elastic run within its epoch", logs)
+    nodes[-1].kill()
+    killed_at = time.monotonic()
+    at_kill = wait_until(lambda: latest_checkpoint_metrics(location.bucket, snapshot), 60, "the latest checkpoint",
+                         logs)
+    logs.wait_until_finished(timeout_s=300)
+    return ElasticRun(submission_id, logs.lines, at_kill, killed_at)
 
 
 def test_the_run_survives_losing_a_node_and_finishes(scenario):
@@ -282,7 +342,11 @@ def test_it_restarted_once_from_the_checkpoint_without_redoing_finished_epochs(s
     epochs_read = [{int(match[1]) for pid, match in scenario.reads() if pid in group} for group in (first, second)]
     assert set(range(1, resumed_after + 1)) <= epochs_read[0] <= set(range(1, resumed_after + 2))
     assert epochs_read[1] == set(range(resumed_after + 1, EPOCHS + 1))  # finished epochs are not trained again
-    assert sorted(int(epoch) for epoch in EPOCH_END.findall(scenario.text)) == list(range(1, EPOCHS + 1))
+    ends = [int(epoch) for epoch in EPOCH_END.findall(scenario.text)]
+    assert sorted(set(ends)) == list(range(1, EPOCHS + 1)), ends
+    # the first group trains on after the checkpoint taken on the notice until its node goes: it may end
+    # the epoch the restart goes on within (then the second group ends it again); no other epoch twice
+    assert all(ends.count(epoch) == 1 for epoch in range(1, EPOCHS + 1) if epoch != resumed_after + 1), ends
     history = MlflowClient().get_metric_history(scenario.mlflow_run.info.run_id, "epoch")
     assert sorted(metric.step for metric in history) == list(range(1, EPOCHS + 1))
 
@@ -309,20 +373,18 @@ def test_one_worker_per_node_each_reading_its_own_samples(scenario):
     worker_nodes = [node for node in scenario.nodes if not node["is_head_node"]]
     assert sorted(node["state"] for node in worker_nodes) == ["ALIVE", "DEAD"]
     assert all(node["resources_total"]["worker_node"] == 1 for node in worker_nodes)
-    dataset = PreparedDataset.open(scenario.data_url)
-    shard_samples = dict(zip(map(shard_name_of, dataset.shard_urls("train")), dataset.shard_samples("train")))
-    per_rank = steps_per_epoch(sum(shard_samples.values()), WORKERS, BATCH_SIZE) * BATCH_SIZE
+    train_samples = PreparedDataset.open(scenario.data_url).num_samples("train")
+    per_rank = steps_per_epoch(train_samples, WORKERS, BATCH_SIZE)  # batches, each a block of the epoch
     groups = scenario.worker_groups()
-    node_of, reading = {}, {}  # (group, rank) -> node; (group, epoch) -> rank -> samples
+    node_of, reading = {}, {}  # (group, rank) -> node; (group, epoch) -> rank -> blocks
     for pid, match in scenario.reads():  # rank 0 logs every rank's line
         group = next(index for index, members in enumerate(groups) if pid in members)
         epoch, rank, node = int(match[1]), int(match[2]), match[3]
         assert node_of.setdefault((group, rank), node) == node  # a worker stays where it was placed
-        samples = {(name, index) for name, start, stop in RANGE.findall(match[5])
-                   for index in range(int(start), int(stop))}
-        assert int(match[4]) == len(samples) == per_rank
-        assert all(index < shard_samples[name] for name, index in samples)
-        reading.setdefault((group, epoch), {})[rank] = samples
+        blocks = {block for first, last in BLOCKS.findall(match[5]) for block in range(int(first), int(last) + 1)}
+        assert int(match[4]) == len(blocks) * BATCH_SIZE == per_rank * BATCH_SIZE
+        assert int(match[6]) == train_samples // BATCH_SIZE and max(blocks) < int(match[6])
+        reading.setdefault((group, epoch), {})[rank] = blocks
     for group, worker_node in enumerate((before, after)):  # STRICT_SPREAD: one worker on each node
         assert sorted(node_of[group, rank] for rank in range(WORKERS)) == sorted([head, worker_node])
     for (group, epoch), ranks in reading.items():
@@ -350,3 +412,21 @@ def test_checkpoints_live_in_s3_only(scenario):
 
 def test_no_secret_in_the_job_logs(scenario):
     assert not any(secret in scenario.text for secret in (TEST_ACCESS_KEY, TEST_SECRET_KEY, scenario.auth_token))
+
+
+def test_an_elastic_run_goes_on_with_the_workers_left_reading_the_rest_of_its_epoch_once(scenario):
+    elastic, at_kill = scenario.elastic, scenario.elastic.checkpoint_at_kill
+    assert f"Job '{elastic.submission_id}' succeeded" in elastic.text, elastic.text[-4000:]
+    assert "1 to 2 workers (elastic)" in elastic.text
+    assert at_kill.get("within_epoch") == 1, at_kill  # the node went within the epoch
+    [(batch, _, step)] = RESTORED_WITHIN.findall(elastic.text)  # one restart: on the node left
+    assert (int(batch), int(step)) == (at_kill["epoch_batches"], at_kill["step"])
+    blocks = PreparedDataset.open(scenario.data_url).num_samples("train") // BATCH_SIZE
+    [(left, of)] = REPLANNED.findall(elastic.text)
+    assert (int(left), int(of)) == (blocks - WORKERS * int(batch), blocks), elastic.text[-4000:]
+    run = mlflow_run_named(scenario.config_raw["mlflow"]["experiment"], ELASTIC_RUN_NAME)
+    assert run.info.status == "FINISHED"
+    # the epoch trained on each block once: the 2 workers' batches up to the checkpoint, then the rest on 1
+    assert run.data.metrics["train_samples"] == blocks * BATCH_SIZE
+    restored_at = next(line.at for line in elastic.logs if RESTORED_WITHIN.search(line.text))
+    print(f"elastic run: node killed -> the checkpoint restored on 1 worker in {restored_at - elastic.killed_at:.1f} s")

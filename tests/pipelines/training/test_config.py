@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from infra.errors import UserError
-from pipelines.training.config import config_changes, load_config, parse_config
+from pipelines.training.config import TrainConfig, config_changes, load_config, parse_config
 from tests.support.train_helpers import unit_config, write_config
 
 REPO = Path(__file__).resolve().parents[3]
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[3]
                          ids=lambda p: p.name)
 def test_example_configs_validate(path):
     config = load_config(path)
-    assert config.global_batch_size == config.data.batch_size * config.scaling.num_workers
+    assert config.global_batch_size == config.data.batch_size * config.scaling.max_workers
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
@@ -40,6 +40,15 @@ def test_lr_is_per_512_images_of_global_batch():
     assert config.peak_lr == pytest.approx(1e-3 * 256 / 512)
 
 
+def test_elastic_workers_are_a_min_max_pair_and_the_nominal_lr_is_the_most_workers():
+    config = parse_config(unit_config(scaling={"num_workers": [1, 4]}, optim={"lr": 1e-3}))
+    assert config.scaling.num_workers == (1, 4) and (config.scaling.min_workers, config.scaling.max_workers) == (1, 4)
+    assert config.scaling.describe() == "1 to 4 workers (elastic)"
+    assert config.global_batch_size == 32 * 4 and config.peak_lr == pytest.approx(1e-3 * 128 / 512)
+    assert TrainConfig.model_validate_json(config.model_dump_json()) == config  # as checkpoints store it
+    assert parse_config(unit_config(scaling={"num_workers": 3})).scaling.describe() == "3 workers"
+
+
 @pytest.mark.parametrize("sections, field", [
     ({"model": {"depth": 0}}, "model.depth: Input should be greater than or equal to 1"),
     ({"model": {"img_size": 24}}, "model: ViTAE v1 models need a square image size divisible by 16"),
@@ -50,7 +59,9 @@ def test_lr_is_per_512_images_of_global_batch():
     ({"data": {"batch_size": "many"}}, "data.batch_size: Input should be a valid integer"),
     ({"data": {"augment": {"scale": [0.9, 0.2]}}}, "data.augment.scale: expected 0 < low <= high"),
     ({"schedule": {"epochs": 2, "warmup_epochs": 2}}, "schedule.warmup_epochs: must be less than schedule.epochs"),
-    ({"scaling": {"num_workers": 0}}, "scaling.num_workers: Input should be greater than or equal to 1"),
+    ({"scaling": {"num_workers": 0}}, "scaling.num_workers: expected 1 <= min <= max <= 4096, got 0"),
+    ({"scaling": {"num_workers": [3, 2]}}, "scaling.num_workers: expected 1 <= min <= max <= 4096, got [3, 2]"),
+    ({"scaling": {"num_workers": [1, 2, 4]}}, "scaling.num_workers: expected a number of workers or [min, max]"),
     ({"name": "my run"}, "name: expected letters, digits"),
     ({"mlflow": {"tracking_uri": "https://me:pw@mlflow.example"}}, "mlflow.tracking_uri: no user:password@ in the URI"),
     ({"extra": {}}, "extra: unknown key"),
@@ -79,7 +90,7 @@ def test_bad_fields_are_named(sections, field):
     ("data.loader_workers=100000", "data.loader_workers: Input should be less than or equal to 64"),
     ("optim.accumulation_steps=1000000", "optim.accumulation_steps: Input should be less than or equal to 1024"),
     ("schedule.epochs=100000000", "schedule.epochs: Input should be less than or equal to 10000"),
-    ("scaling.num_workers=1000000", "scaling.num_workers: Input should be less than or equal to 4096"),
+    ("scaling.num_workers=1000000", "scaling.num_workers: expected 1 <= min <= max <= 4096, got 1000000"),
     ("seed=18446744073709551616", "seed: Input should be less than or equal to 4294967295"),
     ("checkpoint.every_minutes=1.0e9", "checkpoint.every_minutes: Input should be less than or equal to 1440"),
     ("checkpoint.every_minutes=.nan", "checkpoint.every_minutes: Input should be a finite number"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -11,9 +13,8 @@ import torch
 from data_prep.dataset import PreparedDataset
 from infra.errors import UserError
 from pipelines.training.augment import EvalTransform, TrainTransform
-from pipelines.training.input_pipeline import (ReaderLayout, SplitShards, batch_order, epoch_batches, eval_loader,
-                                               train_loader)
-from pipelines.training.sharding import steps_per_epoch
+from pipelines.training.input_pipeline import ReaderLayout, SplitShards, epoch_batches, eval_loader, train_loader
+from pipelines.training.sharding import EpochPlan, batch_order, steps_per_epoch
 from pipelines.training.driver import check_dataset
 from pipelines.training.config import parse_config
 from tests.support.train_helpers import make_shapes_folder, prepare_dataset, unit_config
@@ -64,6 +65,35 @@ def test_an_epoch_resumed_at_any_batch_goes_on_with_the_same_batches_and_augment
         assert len(resumed) == len(whole) - start, start
         for (images, labels), (expected_images, expected_labels) in zip(resumed, whole[start:]):
             assert torch.equal(labels, expected_labels) and torch.equal(images, expected_images), start
+
+
+def fingerprint(image, rng) -> torch.Tensor:
+    """A transform that names the sample: the first 8 bytes of its pixels' digest."""
+    return torch.tensor(list(hashlib.sha256(image.tobytes()).digest()[:8]), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_an_epoch_resumed_on_fewer_ranks_reads_every_remaining_sample_once(local_dataset, loader_workers):
+    """2 ranks train on K batches each, then 1 rank on what is left of the epoch, planned afresh: the
+    samples read are the split's (but for the last plan's part of a batch), none twice."""
+    shards, batch = SplitShards.of(local_dataset, "train"), 4
+    whole_split = eval_loader(shards, ReaderLayout(0, 1, 0), fingerprint, 1)
+    split = Counter(bytes(images[0].tolist()) for images, _ in whole_split)
+    assert max(split.values()) == 1  # every sample can be told apart
+
+    def read(layout: ReaderLayout, plan: EpochPlan, batches: int | None = None) -> Counter:
+        loader = train_loader(shards, layout, fingerprint, batch, 10, 0, epoch=3, plan=plan)
+        return Counter(bytes(row.tolist()) for images, _ in itertools.islice(epoch_batches(loader), batches)
+                       for row in images)
+
+    whole = EpochPlan.whole_epoch(shards.total // batch, 2, loader_workers)
+    for steps in (1, whole.steps // 2 + 1):
+        seen = sum((read(ReaderLayout(rank, 2, loader_workers), whole, steps) for rank in range(2)), Counter())
+        assert sum(seen.values()) == 2 * steps * batch
+        rest = whole.replanned(steps, 1, loader_workers)
+        seen += read(ReaderLayout(0, 1, loader_workers), rest)
+        assert max(seen.values()) == 1 and set(seen) <= set(split), steps
+        assert len(split) - len(seen) < batch, steps  # the last plan reads whole batches only
 
 
 def test_eval_loaders_cover_the_split_once_across_ranks(local_dataset):

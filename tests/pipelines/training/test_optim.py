@@ -31,7 +31,7 @@ def test_weight_decay_skips_norms_biases_and_no_weight_decay():
 def test_schedule_warms_up_linearly_then_follows_the_cosine():
     optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
     schedule = ScheduleSettings(epochs=10, warmup_epochs=2, warmup_start_factor=0.1, min_lr_ratio=0.01)
-    scheduler = build_scheduler(optimizer, schedule, steps_per_epoch=5)
+    scheduler = build_scheduler(optimizer, schedule, lambda step: step / 5)
     lrs = [optimizer.param_groups[0]["lr"]]
     for _ in range(50):
         optimizer.step()
@@ -42,6 +42,23 @@ def test_schedule_warms_up_linearly_then_follows_the_cosine():
     assert lrs[30] == pytest.approx(0.01 + 0.99 * 0.5)  # halfway through the 40 cosine steps
     assert lrs[50] == pytest.approx(0.01)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_the_schedule_follows_epochs_and_the_groups_share_of_the_global_batch():
+    """Half the workers: twice the steps per epoch, the same lr at the same epoch, times 1/2."""
+    schedule = ScheduleSettings(epochs=4, warmup_epochs=1, warmup_start_factor=0.1, min_lr_ratio=0.01)
+    lrs = {}
+    for workers, steps_per_epoch in ((2, 5), (1, 10)):
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        scheduler = build_scheduler(optimizer, schedule, lambda step, n=steps_per_epoch: step / n,
+                                    lambda w=workers: w / 2)
+        lrs[workers] = [optimizer.param_groups[0]["lr"]]
+        for _ in range(4 * steps_per_epoch):
+            optimizer.step()
+            scheduler.step()
+            lrs[workers].append(optimizer.param_groups[0]["lr"])
+    assert lrs[1][::2] == pytest.approx([lr / 2 for lr in lrs[2]])
+    assert lrs[2][5] == pytest.approx(1.0) and lrs[1][-1] == pytest.approx(0.01 / 2)
 
 
 @pytest.mark.parametrize("steps, accumulation, groups", [

@@ -1,8 +1,11 @@
 """Step-level recovery on the real stack: a run whose worker is SIGKILLed within an epoch goes on
-from its latest mid-epoch checkpoint and ends with the weights of an uninterrupted run.
+from its latest mid-epoch checkpoint and ends with the weights of an uninterrupted run; a run stopped
+within an epoch and resumed on fewer workers reads the rest of that epoch once.
 
 Two runs of the same config under different names are submitted as Ray jobs side by side; once the
 second has registered a checkpoint within its first epoch, one of its Ray Train workers is killed.
+Before them, a third run on 2 workers is stopped at its first checkpoint within its only epoch and
+submitted again with `scaling.num_workers=1`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 import torch
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
+from data_prep.dataset import PreparedDataset
 from infra import object_store
 from pipelines.training.run_storage import RunStorage
 from pipelines.training.train_state import STATE_NAME, WITHIN_EPOCH_SCORE
@@ -30,6 +34,7 @@ pytestmark = pytest.mark.timeout(600)
 
 EVERY_STEPS = 10
 EPOCHS = 2
+SHRUNK_BATCH = 8
 
 
 def latest_checkpoint_metrics(storage_url: str, run_name: str) -> dict | None:
@@ -62,7 +67,8 @@ def runs(ray_cluster, tmp_path_factory) -> dict:
     data_url = prepare_dataset("digits", f"s3://{bucket}/digits16", shard_max_samples=170, digits_size=16)
     storage_url = f"s3://{bucket}/runs"
     home = tmp_path_factory.mktemp("recovery")
-    jobs = {}
+    shrunk = shrink_a_run_within_its_epoch(data_url, storage_url, home)
+    jobs = {"shrunk": shrunk["resubmitted"]}
     for run_name in ("steady", "killed"):
         config = tiny_config(run_name, data_url, storage_url, schedule={"epochs": EPOCHS, "warmup_epochs": 0.5},
                              data={"batch_size": 8, "loader_workers": 2},
@@ -86,8 +92,33 @@ def runs(ray_cluster, tmp_path_factory) -> dict:
         wait_for(lambda: client.get_job_status(submission_id).is_terminal(), 480, f"job {submission_id} to end",
                  lambda: job_report(submission_id))
         assert str(client.get_job_status(submission_id)) == "SUCCEEDED", job_report(submission_id)
-    return {"storage_url": storage_url, "checkpoint_at_kill": within_first_epoch,
+    shrunk["logs"] = ray_job("logs", shrunk["resubmitted"]).stdout
+    shrunk["train_samples"] = PreparedDataset.open(data_url).num_samples("train")
+    return {"storage_url": storage_url, "checkpoint_at_kill": within_first_epoch, "shrunk_run": shrunk,
             **{name: final_state(storage_url, name) for name in jobs}}
+
+
+def shrink_a_run_within_its_epoch(data_url: str, storage_url: str, home: Path) -> dict:
+    """Run `shrunk` (one epoch) on 2 workers, stop its job at its first checkpoint within the epoch,
+    submit it again on 1 worker (without waiting); what the test needs to know of it."""
+    from ray.job_submission import JobSubmissionClient
+
+    config = tiny_config("shrunk", data_url, storage_url, schedule={"epochs": 1, "warmup_epochs": 0.5},
+                         data={"batch_size": SHRUNK_BATCH, "loader_workers": 2},
+                         model={"name": "vitae_t", "img_size": 16, "depth": 1}, checkpoint={"every_steps": 5})
+    config_path = write_config(home / "shrunk.yaml", config)
+    first = f"recovery-shrunk-{uuid.uuid4().hex[:6]}"
+    ray_job("submit", "--no-wait", "--submission-id", first, "--", *train_entrypoint(config_path))
+    wait_for(lambda: "within_epoch" in (latest_checkpoint_metrics(storage_url, "shrunk") or {}), 240,
+             "a checkpoint within the epoch", lambda: job_report(first))
+    client = JobSubmissionClient()
+    client.stop_job(first)
+    wait_for(lambda: client.get_job_status(first).is_terminal(), 120, f"job {first} to stop", lambda: job_report(first))
+    stopped_at = wait_for(lambda: latest_checkpoint_metrics(storage_url, "shrunk"), 30, "the latest checkpoint")
+    resubmitted = f"recovery-shrunk-again-{uuid.uuid4().hex[:6]}"
+    ray_job("submit", "--no-wait", "--submission-id", resubmitted, "--",
+            *train_entrypoint(config_path, "scaling.num_workers=1"))
+    return {"stopped_status": str(client.get_job_status(first)), "stopped_at": stopped_at, "resubmitted": resubmitted}
 
 
 def test_a_run_killed_within_an_epoch_ends_with_the_weights_of_an_uninterrupted_one(runs):
@@ -117,3 +148,20 @@ def test_a_checkpoint_within_an_epoch_is_no_epoch_result_for_asha():
     assert not is_epoch_result(within, epochs=3)
     assert is_epoch_result({"epoch": 2, "val_top1": 0.5}, epochs=3)
     assert not is_epoch_result({"epoch": 3, "val_top1": 0.5}, epochs=3)  # the last: reported once fit returns
+
+
+def test_a_run_resumed_within_an_epoch_on_fewer_workers_reads_the_rest_of_the_epoch_once(runs):
+    shrunk = runs["shrunk_run"]
+    stopped = shrunk["stopped_at"]  # what the run on 1 worker restored
+    assert "STOPPED" in shrunk["stopped_status"], shrunk["stopped_status"]
+    assert stopped.get("within_epoch") == 1, stopped  # stopped within the epoch, not after it
+    blocks = shrunk["train_samples"] // SHRUNK_BATCH  # batch-sized blocks of the epoch
+    read_by_two = 2 * stopped["epoch_batches"]
+    assert "resuming within epoch 1 of 1" in shrunk["logs"], shrunk["logs"][-3000:]
+    assert (f"epoch 1 goes on with 1 workers instead of 2: its {blocks - read_by_two} blocks left of {blocks} "
+            "planned afresh") in shrunk["logs"], shrunk["logs"][-3000:]
+    state, _ = runs["shrunk"]
+    [epoch] = state["progress"]["history"]
+    # every block once: the 2 workers' batches before the stop (their statistics restored) and the rest
+    assert epoch["train_samples"] == blocks * SHRUNK_BATCH, (epoch["train_samples"], blocks, read_by_two)
+    assert state["progress"]["resumes"] == [{"epoch": 0, "batch": stopped["epoch_batches"], "step": stopped["step"]}]

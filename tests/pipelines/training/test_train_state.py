@@ -12,6 +12,7 @@ import vitae
 from pipelines.tracking import plots
 from pipelines.training.augment import normalize
 from pipelines.training.train_state import Checkpointer, RngState, TrainProgress
+from pipelines.training.worker import EpochStats
 from pipelines.model_packaging import ClassifierInfo, package
 from pipelines.training.optim import build_scheduler
 from pipelines.training.config import ScheduleSettings
@@ -23,7 +24,7 @@ def test_checkpointer_restores_every_state(tmp_path):
     def parts():
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-        scheduler = build_scheduler(optimizer, ScheduleSettings(epochs=4, warmup_epochs=1), steps_per_epoch=2)
+        scheduler = build_scheduler(optimizer, ScheduleSettings(epochs=4, warmup_epochs=1), lambda step: step / 2)
         progress, private = TrainProgress(), random.Random(5)
         states = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
         return states, private, Checkpointer(states, {"rng": RngState(private)}, rank=0,
@@ -48,6 +49,24 @@ def test_checkpointer_restores_every_state(tmp_path):
     assert restored["optimizer"].state_dict()["state"].keys() == saved["optimizer"].state_dict()["state"].keys()
     assert restored["progress"] == saved["progress"]
     assert (tmp_path / "config.json").read_text() == '{"name": "x"}'
+
+
+def test_a_group_of_another_size_sums_the_epoch_statistics_on_rank_0(tmp_path):
+    model = torch.nn.Linear(2, 2)
+
+    def checkpointer(rank: int, world_size: int, stats: EpochStats) -> Checkpointer:
+        return Checkpointer({"model": model}, {"epoch_stats": stats}, rank, "{}", world_size=world_size)
+
+    for rank in range(2):  # a 2-worker group, 3 batches into the epoch
+        checkpointer(rank, 2, EpochStats(loss_sum=1.5 + rank, samples=24, steps=3, elapsed_s=2.0)).save(tmp_path)
+    one, other = EpochStats(), EpochStats(samples=99)
+    checkpointer(0, 1, one).load(tmp_path)
+    assert (one.loss_sum, one.samples, one.steps, one.elapsed_s) == (4.0, 48, 3, 4.0)
+    checkpointer(1, 3, other).load(tmp_path)  # another rank of a larger group: from zero
+    assert (other.samples, other.steps) == (0, 0)
+    same = EpochStats()
+    checkpointer(1, 2, same).load(tmp_path)  # the same size: its own
+    assert (same.loss_sum, same.samples) == (2.5, 24)
 
 
 def test_packaged_classifier_takes_uint8_and_normalises_inside():
