@@ -153,7 +153,7 @@ class Scenario:
     worker_node_ids: tuple[str, str]  # the worker node's id before the kill, then after it rejoined
     times: dict[str, float]  # time.monotonic() of each step, from "start"
     preemption_checkpoint: dict  # the metrics of the checkpoint taken on the preemption notice
-    checkpoint_at_kill: dict  # the latest when the node was killed: that one, or an epoch's end after it
+    checkpoint_at_kill: dict  # the latest registered when the node was killed
     elastic: ElasticRun
 
     @property
@@ -356,15 +356,19 @@ def test_a_preempted_node_is_checkpointed_within_the_epoch_and_training_goes_on_
     noticed = scenario.preemption_checkpoint
     [(node, step)] = PREEMPTION_NOTICED.findall(scenario.text)
     assert before.startswith(node) and int(step) == noticed["step"] and noticed["epoch_batches"] > 0
-    latest = scenario.checkpoint_at_kill
-    assert latest["step"] >= noticed["step"]  # an epoch may have ended between the notice and the kill
-    if "within_epoch" in latest:  # restarted at the batch after the checkpoint, not at the epoch's start
-        [(batch, epoch, restored_step)] = RESTORED_WITHIN.findall(scenario.text)
-        assert (int(batch), int(epoch), int(restored_step)) == (
-            latest["epoch_batches"], latest["within_epoch"], latest["step"])
+    assert scenario.checkpoint_at_kill["step"] >= noticed["step"]
+    # The group went on from the notice's checkpoint or a later one: the first group trains on until
+    # its node goes, and a checkpoint it reported before then (an epoch's end) may finish uploading
+    # and be registered after the kill.
+    within = RESTORED_WITHIN.findall(scenario.text)
+    if within:  # restarted at the batch after a checkpoint within the epoch, not at the epoch's start
+        [(batch, epoch, restored_step)] = within
+        assert int(restored_step) >= noticed["step"] and int(epoch) >= noticed["within_epoch"]
+        if int(restored_step) == noticed["step"]:
+            assert (int(batch), int(epoch)) == (noticed["epoch_batches"], noticed["within_epoch"])
     else:
         [(_, resumed_after)] = RESTORED.findall(scenario.text)
-        assert int(resumed_after) == latest["epoch"]
+        assert int(resumed_after) >= noticed["within_epoch"], (resumed_after, noticed)  # the notice's epoch ended
 
 
 def test_one_worker_per_node_each_reading_its_own_samples(scenario):
@@ -419,8 +423,10 @@ def test_an_elastic_run_goes_on_with_the_workers_left_reading_the_rest_of_its_ep
     assert f"Job '{elastic.submission_id}' succeeded" in elastic.text, elastic.text[-4000:]
     assert "1 to 2 workers (elastic)" in elastic.text
     assert at_kill.get("within_epoch") == 1, at_kill  # the node went within the epoch
-    [(batch, _, step)] = RESTORED_WITHIN.findall(elastic.text)  # one restart: on the node left
-    assert (int(batch), int(step)) == (at_kill["epoch_batches"], at_kill["step"])
+    # one restart, on the node left, from the checkpoint registered at the kill or a later one (one that
+    # was still uploading)
+    [(batch, _, step)] = RESTORED_WITHIN.findall(elastic.text)
+    assert int(step) >= at_kill["step"] and int(batch) == int(step)  # one optimizer step per batch
     blocks = PreparedDataset.open(scenario.data_url).num_samples("train") // BATCH_SIZE
     [(left, of)] = REPLANNED.findall(elastic.text)
     assert (int(left), int(of)) == (blocks - WORKERS * int(batch), blocks), elastic.text[-4000:]
