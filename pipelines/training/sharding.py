@@ -113,7 +113,12 @@ class EpochPlan:
         return block_count(self.remaining) // self.world_size
 
     def slots(self) -> BlockPlan:
-        return train_plan(self.remaining, self.world_size, self.loader_workers)
+        """Each rank a contiguous part of the same number of blocks, `steps` (the last
+        `len % world_size` blocks are left out), cut into nearly equal, contiguous runs per DataLoader
+        worker."""
+        return [[_slice(self.remaining, rank * self.steps + start, count)
+                 for start, count in _split(self.steps, self.loader_workers, 1)]
+                for rank in range(self.world_size)]
 
     def blocks_read(self, steps: int) -> int:
         """Blocks of the epoch read once every rank has run `steps` steps of this plan."""
@@ -126,15 +131,6 @@ class EpochPlan:
         left_out = _slice(self.remaining, used, block_count(self.remaining) - used)
         return EpochPlan(_merged(remaining_after(self.slots(), steps) + left_out), world_size, loader_workers,
                          self.blocks_read(steps))
-
-
-def train_plan(remaining: Blocks, world_size: int, loader_workers: int) -> BlockPlan:
-    """`remaining` blocks for `world_size` ranks: each rank a contiguous part of the same number of
-    blocks (the last `len % world_size` blocks are left out), cut into nearly equal, contiguous runs
-    per DataLoader worker."""
-    steps = block_count(remaining) // world_size
-    return [[_slice(remaining, rank * steps + start, count) for start, count in _split(steps, loader_workers, 1)]
-            for rank in range(world_size)]
 
 
 def remaining_after(plan: BlockPlan, steps: int) -> Blocks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -117,8 +118,8 @@ class EpochStats:
         self.reset()
         for state in states:
             for key, value in state.items():
-                combined = max if key in ("steps", "checkpoints") else (lambda mine, theirs: mine + theirs)
-                setattr(self, key, combined(getattr(self, key), value))
+                combine = max if key in ("steps", "checkpoints") else operator.add
+                setattr(self, key, combine(getattr(self, key), value))
 
     def all_reduced(self, device: torch.device) -> EpochStats:
         """Sums over ranks (steps: the most any rank ran)."""
